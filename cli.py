@@ -1,0 +1,146 @@
+"""The `keras-llm` command line (installed as `keras_llm.cli`).
+
+One function per command; heavy imports (TensorFlow) happen inside the commands so that
+`keras-llm --help` answers at once. Errors the user can fix print one line: exit code 2 for
+bad usage (options, configs), 1 for runtime failures (data, artifacts).
+"""
+import functools
+import logging
+import os
+import sys
+
+import click
+
+# TensorFlow's C++ start-up chatter hides the progress bar; keep warnings and errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def handle_errors(command):
+    """Turns keras-llm's own errors into one-line click errors."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from keras_llm.errors import ConfigError, KerasLLMError
+
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as e:
+            raise click.UsageError(str(e))
+        except KerasLLMError as e:
+            raise click.ClickException(str(e))
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"],
+                               "show_default": True})
+@click.version_option(package_name="keras-llm")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
+def main(verbose):
+    """Build, pretrain, fine-tune and export Transformer language models."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("tensorflow", "absl", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command()
+@click.option("--config", "config_name", default="gpt-tiny",
+              help="A built-in config name (see `keras-llm configs`) or a YAML file.")
+@click.option("--data", default=None,
+              help="'builtin' (the standard library's docstrings), files or globs "
+                   "(.txt, .jsonl, .csv, .tsv; comma-separated), or tfds:NAME[:SPLIT]. "
+                   "Default: the config's data.source.")
+@click.option("--text-field", default=None,
+              help="JSONL field or CSV/TSV column holding the text. Default: data.text_field.")
+@click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(exists=True),
+              help="Load this tokenizer directory instead of training one.")
+@click.option("--output-dir", default=None,
+              help="Where the model artifact goes. Default: runs/<config name>.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Optimizer steps. Default: train.steps.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Passes over the training split (overrides --steps).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Global batch size in sequences. Default: train.batch_size.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+              help="Tokens per training sequence. Default: data.seq_len.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate. Default: train.learning_rate.")
+@click.option("--seed", type=int, default=None, help="Random seed. Default: train.seed.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished model in --output-dir.")
+@handle_errors
+def pretrain(config_name, data, text_field, tokenizer_path, output_dir, steps, epochs,
+             batch_size, seq_len, learning_rate, seed, overwrite):
+    """Pretrain a language model; with no options, gpt-tiny on the built-in corpus.
+
+    Writes a model artifact (weights, tokenizer, resolved config, metrics.json,
+    metadata.json, TensorBoard logs) to --output-dir and prints the validation
+    perplexity next to a unigram baseline.
+    """
+    from keras_llm.config import load_config
+    from keras_llm.training.pretrain import pretrain as run_pretrain
+
+    config = load_config(config_name, overrides={
+        "data.source": data, "data.text_field": text_field, "train.steps": steps,
+        "train.epochs": epochs, "train.batch_size": batch_size, "data.seq_len": seq_len,
+        "train.learning_rate": learning_rate, "train.seed": seed,
+    })
+    output_dir = output_dir or os.path.join("runs", config.name)
+    metrics = run_pretrain(config, output_dir, tokenizer_path=tokenizer_path,
+                           overwrite=overwrite, command=sys.argv)
+    click.echo(
+        f"validation perplexity {metrics['val_perplexity']:.2f} "
+        f"(unigram baseline {metrics['unigram_val_perplexity']:.2f}) after "
+        f"{metrics['steps']} steps in {metrics['train_seconds']:.0f}s "
+        f"({metrics['train_tokens_per_second']:.0f} tokens/s)")
+    click.echo(f"model artifact: {output_dir}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("prompts", nargs=-1)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64,
+              help="Tokens to generate after each prompt.")
+@click.option("--sampler", type=click.Choice(["greedy", "top_k", "top_p", "random"]),
+              default="top_p", help="How the next token is chosen.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              help="Logit temperature (not used by greedy).")
+@click.option("--top-k", type=click.IntRange(min=1), default=50, help="k for --sampler top_k.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9,
+              help="p for --sampler top_p.")
+@click.option("--seed", type=int, default=None, help="Sampling seed, for repeatable output.")
+@handle_errors
+def generate(model_dir, prompts, max_new_tokens, sampler, temperature, top_k, top_p, seed):
+    """Continue PROMPTS (or an empty prompt) with the model in MODEL_DIR, using its KV cache."""
+    from keras_llm.artifacts import load_model_artifact
+    from keras_llm.generation import TextGenerator
+
+    artifact = load_model_artifact(model_dir)
+    if max_new_tokens >= artifact.model.backbone.max_length:
+        raise click.BadParameter(
+            f"must be below the model's context length ({artifact.model.backbone.max_length})",
+            param_hint="--max-new-tokens")
+    generator = TextGenerator(artifact.model, artifact.tokenizer)
+    prompts = list(prompts) or [""]
+    outputs = generator.generate(prompts, max_new_tokens=max_new_tokens, sampler=sampler,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    for prompt, output in zip(prompts, outputs):
+        click.echo(prompt + output)
+
+
+@main.command("configs")
+def list_configs():
+    """List the built-in configs."""
+    from keras_llm.config import builtin_config_names, read_config_file
+
+    for name in builtin_config_names():
+        values, _ = read_config_file(name)
+        model = values.get("model", {})
+        click.echo(f"{name:16s} {values.get('task', 'causal_lm'):10s} "
+                   f"{model.get('family', '?'):8s} layers={model.get('num_layers')} "
+                   f"hidden={model.get('hidden_size')} heads={model.get('num_heads')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Multi-head attention with padding and causal masks, cross-attention and a KV cache."""
+import keras
+from keras import ops
+
+
+def causal_mask(query_length, key_length, start_index=0):
+    """Boolean `(query_length, key_length)` mask: query `i` sees keys `<= start_index + i`.
+
+    `start_index` is the position of the first query in the sequence, so the same mask serves
+    a full forward pass (`start_index=0`) and a cached decoding step (`start_index=cache_index`).
+    """
+    query_positions = ops.arange(query_length)[:, None] + start_index
+    key_positions = ops.arange(key_length)[None, :]
+    return ops.greater_equal(query_positions, key_positions)
+
+
+def merge_masks(padding_mask=None, attention_mask=None):
+    """Combines a `(batch, keys)` padding mask and a `(batch, queries, keys)` attention mask.
+
+    Returns a boolean `(batch, queries, keys)` mask, or `None` when neither is given.
+    """
+    mask = None
+    if padding_mask is not None:
+        mask = ops.cast(padding_mask, "bool")[:, None, :]
+    if attention_mask is not None:
+        attention_mask = ops.cast(attention_mask, "bool")
+        mask = attention_mask if mask is None else ops.logical_and(mask, attention_mask)
+    return mask
+
+
+@keras.saving.register_keras_serializable(package="keras_llm")
+class MultiHeadAttention(keras.layers.Layer):
+    """Multi-head scaled dot-product attention (Vaswani et al., 2017).
+
+    Self-attention when `value` is omitted (one fused query/key/value projection),
+    cross-attention otherwise. Masks are explicit: `attention_mask` is a boolean
+    `(batch, queries, keys)` tensor (True = may attend), `use_causal_mask=True` adds the
+    causal constraint. For incremental decoding pass `cache` (shape
+    `(batch, 2, max_length, num_heads, head_dim)`, keys then values) and `cache_index`
+    (where the new tokens go); the layer then returns `(output, updated_cache)`. For
+    cross-attention, a `cache` without `cache_index` holds the encoder's precomputed
+    keys and values and is used as is (see `compute_key_value_cache`).
+
+    Args:
+        num_heads: number of attention heads.
+        key_dim: size of each head for queries and keys.
+        value_dim: size of each head for values; defaults to `key_dim`.
+        output_dim: size of the output; defaults to the query's last dimension.
+        dropout: dropout rate on the attention probabilities.
+        use_bias: whether the projections have biases.
+        kernel_initializer: initializer of the projection kernels.
+        bias_initializer: initializer of the projection biases.
+
+    Example:
+
+    >>> layer = MultiHeadAttention(num_heads=2, key_dim=4)
+    >>> x = keras.random.normal((3, 5, 8))
+    >>> layer(x, use_causal_mask=True).shape
+    (3, 5, 8)
+
+    References:
+        - [Vaswani et al., 2017](https://arxiv.org/abs/1706.03762)
+    """
+
+    def __init__(self, num_heads, key_dim, value_dim=None, output_dim=None, dropout=0.0,
+                 use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 **kwargs):
+        super().__init__(**kwargs)
+        if num_heads <= 0 or key_dim <= 0:
+            raise ValueError(
+                f"num_heads and key_dim must be positive; got num_heads={num_heads}, "
+                f"key_dim={key_dim}")
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.value_dim = value_dim or key_dim
+        self.output_dim = output_dim
+        self.dropout = dropout
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self._dropout_layer = keras.layers.Dropout(dropout)
+
+    def build(self, query_shape, value_shape=None):
+        query_size = query_shape[-1]
+        value_size = (value_shape or query_shape)[-1]
+        heads_key = self.num_heads * self.key_dim
+        heads_value = self.num_heads * self.value_dim
+        output_size = self.output_dim or query_size
+        self.query_kernel = self._kernel("query_kernel", (query_size, heads_key))
+        self.key_kernel = self._kernel("key_kernel", (value_size, heads_key))
+        self.value_kernel = self._kernel("value_kernel", (value_size, heads_value))
+        self.output_kernel = self._kernel("output_kernel", (heads_value, output_size))
+        if self.use_bias:
+            self.query_bias = self._bias("query_bias", heads_key)
+            self.key_bias = self._bias("key_bias", heads_key)
+            self.value_bias = self._bias("value_bias", heads_value)
+            self.output_bias = self._bias("output_bias", output_size)
+
+    def _kernel(self, name, shape):
+        return self.add_weight(name=name, shape=shape, initializer=self.kernel_initializer)
+
+    def _bias(self, name, size):
+        return self.add_weight(name=name, shape=(size,), initializer=self.bias_initializer)
+
+    def _project(self, x, name, head_dim):
+        """Projects `x` with the `name` ("query", "key" or "value") kernel into heads."""
+        y = ops.matmul(x, getattr(self, f"{name}_kernel"))
+        if self.use_bias:
+            y = y + getattr(self, f"{name}_bias")
+        return ops.reshape(y, (ops.shape(x)[0], ops.shape(x)[1], self.num_heads, head_dim))
+
+    def _self_attention_qkv(self, x):
+        # One matmul for q, k and v: on CPU three small GEMMs cost noticeably more than one.
+        kernel = ops.concatenate([self.query_kernel, self.key_kernel, self.value_kernel], axis=1)
+        y = ops.matmul(x, kernel)
+        if self.use_bias:
+            y = y + ops.concatenate([self.query_bias, self.key_bias, self.value_bias])
+        heads_key = self.num_heads * self.key_dim
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        q = ops.reshape(y[..., :heads_key], (batch, length, self.num_heads, self.key_dim))
+        k = ops.reshape(y[..., heads_key:2 * heads_key],
+                        (batch, length, self.num_heads, self.key_dim))
+        v = ops.reshape(y[..., 2 * heads_key:], (batch, length, self.num_heads, self.value_dim))
+        return q, k, v
+
+    def compute_key_value_cache(self, value):
+        """Projects encoder outputs once into a cross-attention cache `(batch, 2, S, H, D)`."""
+        k = self._project(value, "key", self.key_dim)
+        v = self._project(value, "value", self.value_dim)
+        return ops.stack([k, v], axis=1)
+
+    def call(self, query, value=None, attention_mask=None, use_causal_mask=False, cache=None,
+             cache_index=None, training=None):
+        if cache is not None and cache_index is None:
+            # Cross-attention against precomputed encoder keys and values.
+            q = self._project(query, "query", self.key_dim)
+            k, v = cache[:, 0], cache[:, 1]
+        elif value is None:
+            q, k, v = self._self_attention_qkv(query)
+        else:
+            q = self._project(query, "query", self.key_dim)
+            k = self._project(value, "key", self.key_dim)
+            v = self._project(value, "value", self.value_dim)
+        start = 0
+        if cache is not None and cache_index is not None:
+            start = cache_index
+            k = ops.slice_update(cache[:, 0], (0, cache_index, 0, 0), ops.cast(k, cache.dtype))
+            v = ops.slice_update(cache[:, 1], (0, cache_index, 0, 0), ops.cast(v, cache.dtype))
+            cache = ops.stack([k, v], axis=1)
+
+        mask = attention_mask
+        # Without a cache or another mask, the backend's own causal path is used (on GPU it
+        # can pick a fused kernel); otherwise the causal constraint joins the explicit mask.
+        is_causal = use_causal_mask and cache is None and mask is None
+        if use_causal_mask and not is_causal:
+            causal = causal_mask(ops.shape(q)[1], ops.shape(k)[1], start)[None]
+            mask = causal if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal)
+        output = self._attend(q, k, v, mask, is_causal, training)
+        batch, length = ops.shape(output)[0], ops.shape(output)[1]
+        output = ops.reshape(output, (batch, length, self.num_heads * self.value_dim))
+        output = ops.matmul(output, self.output_kernel)
+        if self.use_bias:
+            output = output + self.output_bias
+        return output if cache is None else (output, cache)
+
+    def _attend(self, q, k, v, mask, is_causal, training):
+        if mask is not None:
+            mask = ops.cast(mask, "bool")[:, None, :, :]  # broadcast over heads
+        if not (training and self.dropout > 0):
+            return ops.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        # dot_product_attention has no dropout: spell the same computation out.
+        if is_causal:
+            mask = causal_mask(ops.shape(q)[1], ops.shape(k)[1])[None, None]
+        scores = ops.einsum("btnh,bsnh->bnts", q, k) / ops.sqrt(
+            ops.cast(self.key_dim, q.dtype))
+        if mask is not None:
+            scores = ops.where(mask, scores, ops.cast(-1e9, scores.dtype))
+        probs = ops.softmax(ops.cast(scores, "float32"), axis=-1)
+        probs = self._dropout_layer(ops.cast(probs, v.dtype), training=training)
+        return ops.einsum("bnts,bsnh->btnh", probs, v)
+
+    def compute_output_shape(self, query_shape, value_shape=None):
+        return (*query_shape[:-1], self.output_dim or query_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "num_heads": self.num_heads,
+            "key_dim": self.key_dim,
+            "value_dim": self.value_dim,
+            "output_dim": self.output_dim,
+            "dropout": self.dropout,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+        })
+        return config

@@ -1,0 +1,90 @@
+"""Position encodings: the fixed sinusoidal table and learned position embeddings."""
+import math
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_llm")
+class SinusoidalPositionEncoding(keras.layers.Layer):
+    """Fixed sinusoidal position encoding (Vaswani et al., 2017, section 3.5).
+
+    `PE[pos, 2i] = sin(pos / max_wavelength^(2i/d))`, `PE[pos, 2i+1] = cos(...)`. Returns
+    the `(length, hidden)` table for the positions of `inputs` (shape `(batch, length,
+    hidden)`), starting at `start_index`, to be added to the token embeddings. No weights.
+
+    Args:
+        max_wavelength: the longest wavelength of the sinusoids.
+
+    Example:
+
+    >>> encoding = SinusoidalPositionEncoding()
+    >>> encoding(keras.ops.zeros((2, 6, 16))).shape
+    (6, 16)
+
+    References:
+        - [Vaswani et al., 2017](https://arxiv.org/abs/1706.03762)
+    """
+
+    def __init__(self, max_wavelength=10000, **kwargs):
+        super().__init__(**kwargs)
+        self.max_wavelength = max_wavelength
+
+    def call(self, inputs, start_index=0):
+        length, hidden = ops.shape(inputs)[-2], inputs.shape[-1]
+        positions = ops.cast(ops.arange(length) + start_index, self.compute_dtype)
+        # Both members of a (sin, cos) pair share the frequency of index 2i.
+        pair_index = ops.cast(ops.arange(hidden) // 2 * 2, self.compute_dtype)
+        inverse_frequency = ops.exp(-math.log(self.max_wavelength) * pair_index / hidden)
+        angles = positions[:, None] * inverse_frequency[None, :]
+        is_even = ops.equal(ops.arange(hidden) % 2, 0)
+        return ops.where(is_even[None, :], ops.sin(angles), ops.cos(angles))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[-2:])
+
+    def get_config(self):
+        return {**super().get_config(), "max_wavelength": self.max_wavelength}
+
+
+@keras.saving.register_keras_serializable(package="keras_llm")
+class LearnedPositionEmbedding(keras.layers.Layer):
+    """A trained `(max_length, hidden)` position table (as in BERT and GPT-2).
+
+    Returns the rows for the positions of `inputs` (shape `(batch, length, hidden)`),
+    starting at `start_index`, to be added to the token embeddings.
+
+    Args:
+        max_length: the longest sequence the table covers.
+        initializer: initializer of the table.
+
+    Example:
+
+    >>> embedding = LearnedPositionEmbedding(max_length=32)
+    >>> embedding(keras.ops.zeros((2, 6, 16))).shape
+    (6, 16)
+
+    References:
+        - [Devlin et al., 2019](https://arxiv.org/abs/1810.04805)
+    """
+
+    def __init__(self, max_length, initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.max_length = max_length
+        self.initializer = keras.initializers.get(initializer)
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            name="embeddings", shape=(self.max_length, input_shape[-1]),
+            initializer=self.initializer)
+
+    def call(self, inputs, start_index=0):
+        length = ops.shape(inputs)[-2]
+        return ops.slice(self.embeddings, (start_index, 0), (length, self.embeddings.shape[-1]))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[-2:])
+
+    def get_config(self):
+        return {**super().get_config(), "max_length": self.max_length,
+                "initializer": keras.initializers.serialize(self.initializer)}

@@ -1,0 +1,243 @@
+"""Transformer encoder and decoder blocks, pre- or post-layer-norm."""
+import keras
+
+from keras_llm.layers.attention import MultiHeadAttention, merge_masks
+
+ACTIVATIONS = {
+    "gelu": lambda x: keras.activations.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: keras.activations.gelu(x, approximate=True),  # GPT-2's
+    "relu": keras.activations.relu,
+}
+
+
+def get_activation(name):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {name!r}")
+    return ACTIVATIONS[name]
+
+
+@keras.saving.register_keras_serializable(package="keras_llm")
+class FeedForward(keras.layers.Layer):
+    """Position-wise feed-forward network: `Dense(intermediate) -> activation -> Dense(hidden)`.
+
+    Args:
+        intermediate_size: width of the hidden layer.
+        activation: "gelu", "gelu_tanh" or "relu".
+        kernel_initializer: initializer of both kernels.
+
+    Example:
+
+    >>> FeedForward(32)(keras.ops.ones((2, 3, 8))).shape
+    (2, 3, 8)
+    """
+
+    def __init__(self, intermediate_size, activation="gelu", kernel_initializer="glorot_uniform",
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.intermediate_size = intermediate_size
+        self.activation = activation
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self._activation_fn = get_activation(activation)
+
+    def build(self, input_shape):
+        self.intermediate_dense = keras.layers.Dense(
+            self.intermediate_size, kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy, name="intermediate_dense")
+        self.intermediate_dense.build(input_shape)
+        self.output_dense = keras.layers.Dense(
+            input_shape[-1], kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy, name="output_dense")
+        self.output_dense.build((*input_shape[:-1], self.intermediate_size))
+
+    def call(self, x):
+        return self.output_dense(self._activation_fn(self.intermediate_dense(x)))
+
+    def get_config(self):
+        return {**super().get_config(), "intermediate_size": self.intermediate_size,
+                "activation": self.activation,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+
+
+class _TransformerBlock(keras.layers.Layer):
+    """Shared arguments and the residual wiring of encoder and decoder blocks."""
+
+    def __init__(self, num_heads, intermediate_size, dropout=0.0, activation="gelu",
+                 norm_first=False, layer_norm_epsilon=1e-5,
+                 kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.intermediate_size = intermediate_size
+        self.dropout = dropout
+        self.activation = activation
+        self.norm_first = norm_first
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self._dropout_layer = keras.layers.Dropout(dropout)
+
+    def _attention(self, hidden, name):
+        if hidden % self.num_heads:
+            raise ValueError(
+                f"hidden size {hidden} is not divisible by num_heads={self.num_heads}")
+        return MultiHeadAttention(
+            self.num_heads, hidden // self.num_heads, dropout=self.dropout,
+            kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy, name=name)
+
+    def _norm(self, name, input_shape):
+        norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name=name)
+        norm.build(input_shape)
+        return norm
+
+    def _build_feedforward(self, input_shape):
+        self.feedforward = FeedForward(
+            self.intermediate_size, self.activation, self.kernel_initializer,
+            dtype=self.dtype_policy, name="feedforward")
+        self.feedforward.build(input_shape)
+        self.feedforward_norm = self._norm("feedforward_norm", input_shape)
+
+    def _enter(self, x, norm):
+        return norm(x) if self.norm_first else x
+
+    def _leave(self, y, residual, norm, training):
+        y = self._dropout_layer(y, training=training) + residual
+        return y if self.norm_first else norm(y)
+
+    def _feedforward_sublayer(self, x, training):
+        y = self.feedforward(self._enter(x, self.feedforward_norm))
+        return self._leave(y, x, self.feedforward_norm, training)
+
+    def compute_output_shape(self, input_shape, *args, **kwargs):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads,
+                "intermediate_size": self.intermediate_size, "dropout": self.dropout,
+                "activation": self.activation, "norm_first": self.norm_first,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+
+
+@keras.saving.register_keras_serializable(package="keras_llm")
+class TransformerEncoderBlock(_TransformerBlock):
+    """Self-attention and feed-forward sublayers, each with a residual connection.
+
+    Post-layer-norm (`norm_first=False`, the original Transformer and BERT) normalizes after
+    each residual sum; pre-layer-norm (`norm_first=True`, GPT-2 onwards) normalizes each
+    sublayer's input, which trains more stably when deep.
+
+    Args:
+        num_heads: attention heads; must divide the input's hidden size.
+        intermediate_size: width of the feed-forward layer.
+        dropout: dropout on attention probabilities and sublayer outputs.
+        activation: feed-forward activation ("gelu", "gelu_tanh", "relu").
+        norm_first: pre-layer-norm when True, post-layer-norm when False.
+        layer_norm_epsilon: epsilon of the layer norms.
+        kernel_initializer: initializer of all kernels.
+
+    Example:
+
+    >>> block = TransformerEncoderBlock(num_heads=2, intermediate_size=32)
+    >>> x = keras.random.normal((2, 5, 8))
+    >>> block(x, padding_mask=keras.ops.array([[1, 1, 1, 0, 0]] * 2)).shape
+    (2, 5, 8)
+
+    References:
+        - [Vaswani et al., 2017](https://arxiv.org/abs/1706.03762)
+        - [Xiong et al., 2020](https://arxiv.org/abs/2002.04745) (pre-layer-norm)
+    """
+
+    def build(self, input_shape):
+        self.self_attention = self._attention(input_shape[-1], "self_attention")
+        self.self_attention.build(input_shape)
+        self.self_attention_norm = self._norm("self_attention_norm", input_shape)
+        self._build_feedforward(input_shape)
+
+    def call(self, x, padding_mask=None, attention_mask=None, training=None):
+        mask = merge_masks(padding_mask, attention_mask)
+        y = self.self_attention(self._enter(x, self.self_attention_norm),
+                                attention_mask=mask, training=training)
+        x = self._leave(y, x, self.self_attention_norm, training)
+        return self._feedforward_sublayer(x, training)
+
+
+@keras.saving.register_keras_serializable(package="keras_llm")
+class TransformerDecoderBlock(_TransformerBlock):
+    """Causal self-attention, optional cross-attention, and feed-forward sublayers.
+
+    With `cross_attention=True` the block attends to `encoder_outputs` (the encoder-decoder
+    Transformer); without it, it is a GPT block. For incremental decoding pass
+    `self_attention_cache` and `cache_index`: the block returns `(outputs, updated_cache)`.
+    A precomputed `cross_attention_cache` (from `compute_cross_attention_cache`) replaces
+    `encoder_outputs` while decoding.
+
+    Args:
+        num_heads: attention heads; must divide the input's hidden size.
+        intermediate_size: width of the feed-forward layer.
+        cross_attention: whether the block has a cross-attention sublayer.
+        dropout: dropout on attention probabilities and sublayer outputs.
+        activation: feed-forward activation ("gelu", "gelu_tanh", "relu").
+        norm_first: pre-layer-norm when True, post-layer-norm when False.
+        layer_norm_epsilon: epsilon of the layer norms.
+        kernel_initializer: initializer of all kernels.
+
+    Example:
+
+    >>> block = TransformerDecoderBlock(num_heads=2, intermediate_size=32, cross_attention=True)
+    >>> x, memory = keras.random.normal((2, 5, 8)), keras.random.normal((2, 7, 8))
+    >>> block(x, encoder_outputs=memory).shape
+    (2, 5, 8)
+
+    References:
+        - [Vaswani et al., 2017](https://arxiv.org/abs/1706.03762)
+        - [Radford et al., 2019](https://openai.com/research/better-language-models) (GPT-2)
+    """
+
+    def __init__(self, num_heads, intermediate_size, cross_attention=False, **kwargs):
+        super().__init__(num_heads, intermediate_size, **kwargs)
+        self.cross_attention = cross_attention
+
+    def build(self, input_shape):
+        hidden = input_shape[-1]
+        self.self_attention = self._attention(hidden, "self_attention")
+        self.self_attention.build(input_shape)
+        self.self_attention_norm = self._norm("self_attention_norm", input_shape)
+        if self.cross_attention:
+            self.cross_attention_layer = self._attention(hidden, "cross_attention")
+            self.cross_attention_layer.build(input_shape, input_shape)
+            self.cross_attention_norm = self._norm("cross_attention_norm", input_shape)
+        self._build_feedforward(input_shape)
+
+    def compute_cross_attention_cache(self, encoder_outputs):
+        """Encoder keys and values for decoding, computed once per source sequence."""
+        return self.cross_attention_layer.compute_key_value_cache(encoder_outputs)
+
+    def call(self, x, encoder_outputs=None, padding_mask=None, attention_mask=None,
+             encoder_padding_mask=None, self_attention_cache=None, cache_index=None,
+             cross_attention_cache=None, use_causal_mask=True, training=None):
+        mask = merge_masks(padding_mask, attention_mask)
+        attended = self.self_attention(
+            self._enter(x, self.self_attention_norm), attention_mask=mask,
+            use_causal_mask=use_causal_mask, cache=self_attention_cache,
+            cache_index=cache_index, training=training)
+        if self_attention_cache is not None:
+            attended, self_attention_cache = attended
+        x = self._leave(attended, x, self.self_attention_norm, training)
+
+        if self.cross_attention:
+            if encoder_outputs is None and cross_attention_cache is None:
+                raise ValueError(
+                    "this block has cross-attention: pass encoder_outputs or "
+                    "cross_attention_cache")
+            attended = self.cross_attention_layer(
+                self._enter(x, self.cross_attention_norm), encoder_outputs,
+                attention_mask=merge_masks(encoder_padding_mask),
+                cache=cross_attention_cache, training=training)
+            if cross_attention_cache is not None:
+                attended = attended[0]
+            x = self._leave(attended, x, self.cross_attention_norm, training)
+
+        x = self._feedforward_sublayer(x, training)
+        return x if self_attention_cache is None else (x, self_attention_cache)
+
+    def get_config(self):
+        return {**super().get_config(), "cross_attention": self.cross_attention}

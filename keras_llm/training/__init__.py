@@ -1,0 +1,1 @@
+"""Training loops, optimizers and schedules (TensorFlow-side code: tf.data in, artifacts out)."""

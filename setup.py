@@ -1,0 +1,55 @@
+"""keras-llm: Transformer language models with TensorFlow and Keras, from raw text to TF Serving.
+
+The repository keeps `cli.py`, `components/` and `configs/` at the top level for readability;
+an install maps them under `keras_llm` (`keras_llm.cli`, `keras_llm.components`,
+`keras_llm.configs`) so no generic top-level name lands in site-packages.
+"""
+import os
+
+from setuptools import setup
+from setuptools.command.build_py import build_py as _build_py
+
+
+class build_py(_build_py):
+    """Installs the top-level `cli.py` as `keras_llm/cli.py`."""
+
+    def run(self):
+        super().run()
+        self.copy_file("cli.py", os.path.join(self.build_lib, "keras_llm", "cli.py"))
+
+
+PACKAGES = [
+    "keras_llm",
+    "keras_llm.layers",
+    "keras_llm.models",
+    "keras_llm.data",
+    "keras_llm.training",
+]
+
+setup(
+    name="keras-llm",
+    version="0.1.0",
+    description="Transformer language models with TensorFlow and Keras, from raw text to TF Serving.",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=PACKAGES + ["keras_llm.components", "keras_llm.configs"],
+    package_dir={
+        "keras_llm.components": "components",
+        "keras_llm.configs": "configs",
+    },
+    package_data={"keras_llm.configs": ["*.yaml"]},
+    install_requires=[
+        "tensorflow==2.21.*",
+        "keras==3.15.*",
+        "keras-hub==0.32.*",
+        "tensorflow-text==2.21.*",
+        "tensorflow-datasets==4.9.*",
+        "keras-tuner==1.4.*",
+        "click==8.*",
+        "pyyaml>=6,<7",
+    ],
+    extras_require={"test": ["pytest>=8,<10"]},
+    entry_points={"console_scripts": ["keras-llm=keras_llm.cli:main"]},
+    cmdclass={"build_py": build_py},
+)
