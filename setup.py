@@ -6,25 +6,10 @@ an install maps them under `keras_llm` (`keras_llm.cli`, `keras_llm.components`,
 """
 import os
 
-from setuptools import setup
-from setuptools.command.build_py import build_py as _build_py
+from setuptools import find_packages, setup
 
 
-class build_py(_build_py):
-    """Installs the top-level `cli.py` as `keras_llm/cli.py`."""
-
-    def run(self):
-        super().run()
-        self.copy_file("cli.py", os.path.join(self.build_lib, "keras_llm", "cli.py"))
-
-
-PACKAGES = [
-    "keras_llm",
-    "keras_llm.layers",
-    "keras_llm.models",
-    "keras_llm.data",
-    "keras_llm.training",
-]
+PACKAGES = find_packages(include=["keras_llm", "keras_llm.*"])
 
 setup(
     name="keras-llm",
@@ -51,5 +36,4 @@ setup(
     ],
     extras_require={"test": ["pytest>=8,<10"]},
     entry_points={"console_scripts": ["keras-llm=keras_llm.cli:main"]},
-    cmdclass={"build_py": build_py},
 )
