@@ -2,6 +2,8 @@
 import keras
 from keras import ops
 
+from keras_llm.layers.validation import check_positive, check_rate, check_shape
+
 
 def causal_mask(query_length, key_length, start_index=0):
     """Boolean `(query_length, key_length)` mask: query `i` sees keys `<= start_index + i`.
@@ -55,7 +57,7 @@ class MultiHeadAttention(keras.layers.Layer):
 
     >>> layer = MultiHeadAttention(num_heads=2, key_dim=4)
     >>> x = keras.random.normal((3, 5, 8))
-    >>> layer(x, use_causal_mask=True).shape
+    >>> keras.ops.shape(layer(x, use_causal_mask=True))
     (3, 5, 8)
 
     References:
@@ -66,10 +68,12 @@ class MultiHeadAttention(keras.layers.Layer):
                  use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  **kwargs):
         super().__init__(**kwargs)
-        if num_heads <= 0 or key_dim <= 0:
-            raise ValueError(
-                f"num_heads and key_dim must be positive; got num_heads={num_heads}, "
-                f"key_dim={key_dim}")
+        check_positive("num_heads", num_heads)
+        check_positive("key_dim", key_dim)
+        for name, value in (("value_dim", value_dim), ("output_dim", output_dim)):
+            if value is not None:
+                check_positive(name, value)
+        check_rate("dropout", dropout)
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.value_dim = value_dim or key_dim
@@ -131,6 +135,7 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def call(self, query, value=None, attention_mask=None, use_causal_mask=False, cache=None,
              cache_index=None, training=None):
+        self._check_call_shapes(query, value, attention_mask, cache)
         if cache is not None and cache_index is None:
             # Cross-attention against precomputed encoder keys and values.
             q = self._project(query, "query", self.key_dim)
@@ -162,6 +167,18 @@ class MultiHeadAttention(keras.layers.Layer):
         if self.use_bias:
             output = output + self.output_bias
         return output if cache is None else (output, cache)
+
+    def _check_call_shapes(self, query, value, attention_mask, cache):
+        batch, query_length = query.shape[0], query.shape[1]
+        if cache is not None:
+            check_shape(cache, "cache", (
+                ("batch", batch), ("2", 2), ("max_length", None), ("num_heads", self.num_heads),
+                ("head_dim", self.key_dim)))
+            key_length = cache.shape[2]
+        else:
+            key_length = (query if value is None else value).shape[1]
+        check_shape(attention_mask, "attention_mask", (
+            ("batch", batch), ("queries", query_length), ("keys", key_length)), broadcast=True)
 
     def _attend(self, q, k, v, mask, is_causal, training):
         if mask is not None:

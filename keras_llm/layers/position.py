@@ -4,6 +4,8 @@ import math
 import keras
 from keras import ops
 
+from keras_llm.layers.validation import check_positive
+
 
 @keras.saving.register_keras_serializable(package="keras_llm")
 class SinusoidalPositionEncoding(keras.layers.Layer):
@@ -19,7 +21,7 @@ class SinusoidalPositionEncoding(keras.layers.Layer):
     Example:
 
     >>> encoding = SinusoidalPositionEncoding()
-    >>> encoding(keras.ops.zeros((2, 6, 16))).shape
+    >>> keras.ops.shape(encoding(keras.ops.zeros((2, 6, 16))))
     (6, 16)
 
     References:
@@ -28,6 +30,8 @@ class SinusoidalPositionEncoding(keras.layers.Layer):
 
     def __init__(self, max_wavelength=10000, **kwargs):
         super().__init__(**kwargs)
+        if not isinstance(max_wavelength, (int, float)) or max_wavelength <= 1:
+            raise ValueError(f"max_wavelength must be a number > 1; got {max_wavelength!r}")
         self.max_wavelength = max_wavelength
 
     def call(self, inputs, start_index=0):
@@ -61,7 +65,7 @@ class LearnedPositionEmbedding(keras.layers.Layer):
     Example:
 
     >>> embedding = LearnedPositionEmbedding(max_length=32)
-    >>> embedding(keras.ops.zeros((2, 6, 16))).shape
+    >>> keras.ops.shape(embedding(keras.ops.zeros((2, 6, 16))))
     (6, 16)
 
     References:
@@ -70,6 +74,7 @@ class LearnedPositionEmbedding(keras.layers.Layer):
 
     def __init__(self, max_length, initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
+        check_positive("max_length", max_length)
         self.max_length = max_length
         self.initializer = keras.initializers.get(initializer)
 
@@ -80,6 +85,11 @@ class LearnedPositionEmbedding(keras.layers.Layer):
 
     def call(self, inputs, start_index=0):
         length = ops.shape(inputs)[-2]
+        if isinstance(length, int) and isinstance(start_index, int) and (
+                start_index + length > self.max_length):
+            raise ValueError(
+                f"positions {start_index}..{start_index + length - 1} exceed "
+                f"max_length={self.max_length}")
         return ops.slice(self.embeddings, (start_index, 0), (length, self.embeddings.shape[-1]))
 
     def compute_output_shape(self, input_shape):

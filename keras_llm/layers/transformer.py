@@ -2,6 +2,7 @@
 import keras
 
 from keras_llm.layers.attention import MultiHeadAttention, merge_masks
+from keras_llm.layers.validation import check_positive, check_rate, check_shape
 
 ACTIVATIONS = {
     "gelu": lambda x: keras.activations.gelu(x, approximate=False),
@@ -27,13 +28,14 @@ class FeedForward(keras.layers.Layer):
 
     Example:
 
-    >>> FeedForward(32)(keras.ops.ones((2, 3, 8))).shape
+    >>> keras.ops.shape(FeedForward(32)(keras.ops.ones((2, 3, 8))))
     (2, 3, 8)
     """
 
     def __init__(self, intermediate_size, activation="gelu", kernel_initializer="glorot_uniform",
                  **kwargs):
         super().__init__(**kwargs)
+        check_positive("intermediate_size", intermediate_size)
         self.intermediate_size = intermediate_size
         self.activation = activation
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -65,6 +67,10 @@ class _TransformerBlock(keras.layers.Layer):
                  norm_first=False, layer_norm_epsilon=1e-5,
                  kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
+        check_positive("num_heads", num_heads)
+        check_positive("intermediate_size", intermediate_size)
+        check_rate("dropout", dropout)
+        get_activation(activation)
         self.num_heads = num_heads
         self.intermediate_size = intermediate_size
         self.dropout = dropout
@@ -94,6 +100,13 @@ class _TransformerBlock(keras.layers.Layer):
             dtype=self.dtype_policy, name="feedforward")
         self.feedforward.build(input_shape)
         self.feedforward_norm = self._norm("feedforward_norm", input_shape)
+
+    @staticmethod
+    def _check_masks(x, key_length, padding_mask, attention_mask):
+        batch, length = x.shape[0], x.shape[1]
+        check_shape(padding_mask, "padding_mask", (("batch", batch), ("keys", key_length)))
+        check_shape(attention_mask, "attention_mask",
+                    (("batch", batch), ("queries", length), ("keys", key_length)))
 
     def _enter(self, x, norm):
         return norm(x) if self.norm_first else x
@@ -138,7 +151,7 @@ class TransformerEncoderBlock(_TransformerBlock):
 
     >>> block = TransformerEncoderBlock(num_heads=2, intermediate_size=32)
     >>> x = keras.random.normal((2, 5, 8))
-    >>> block(x, padding_mask=keras.ops.array([[1, 1, 1, 0, 0]] * 2)).shape
+    >>> keras.ops.shape(block(x, padding_mask=keras.ops.array([[1, 1, 1, 0, 0]] * 2)))
     (2, 5, 8)
 
     References:
@@ -153,6 +166,7 @@ class TransformerEncoderBlock(_TransformerBlock):
         self._build_feedforward(input_shape)
 
     def call(self, x, padding_mask=None, attention_mask=None, training=None):
+        self._check_masks(x, x.shape[1], padding_mask, attention_mask)
         mask = merge_masks(padding_mask, attention_mask)
         y = self.self_attention(self._enter(x, self.self_attention_norm),
                                 attention_mask=mask, training=training)
@@ -184,7 +198,7 @@ class TransformerDecoderBlock(_TransformerBlock):
 
     >>> block = TransformerDecoderBlock(num_heads=2, intermediate_size=32, cross_attention=True)
     >>> x, memory = keras.random.normal((2, 5, 8)), keras.random.normal((2, 7, 8))
-    >>> block(x, encoder_outputs=memory).shape
+    >>> keras.ops.shape(block(x, encoder_outputs=memory))
     (2, 5, 8)
 
     References:
@@ -214,6 +228,13 @@ class TransformerDecoderBlock(_TransformerBlock):
     def call(self, x, encoder_outputs=None, padding_mask=None, attention_mask=None,
              encoder_padding_mask=None, self_attention_cache=None, cache_index=None,
              cross_attention_cache=None, use_causal_mask=True, training=None):
+        key_length = x.shape[1] if self_attention_cache is None else self_attention_cache.shape[2]
+        self._check_masks(x, key_length, padding_mask, attention_mask)
+        if not self.cross_attention and (
+                encoder_outputs is not None or cross_attention_cache is not None):
+            raise ValueError(
+                "encoder_outputs and cross_attention_cache need a block built with "
+                "cross_attention=True")
         mask = merge_masks(padding_mask, attention_mask)
         attended = self.self_attention(
             self._enter(x, self.self_attention_norm), attention_mask=mask,
@@ -228,6 +249,10 @@ class TransformerDecoderBlock(_TransformerBlock):
                 raise ValueError(
                     "this block has cross-attention: pass encoder_outputs or "
                     "cross_attention_cache")
+            encoder_length = (encoder_outputs.shape[1] if cross_attention_cache is None
+                              else cross_attention_cache.shape[2])
+            check_shape(encoder_padding_mask, "encoder_padding_mask",
+                        (("batch", x.shape[0]), ("encoder_length", encoder_length)))
             attended = self.cross_attention_layer(
                 self._enter(x, self.cross_attention_norm), encoder_outputs,
                 attention_mask=merge_masks(encoder_padding_mask),

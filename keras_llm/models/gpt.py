@@ -13,6 +13,7 @@ from keras_llm.layers import (
     SinusoidalPositionEncoding,
     TransformerDecoderBlock,
 )
+from keras_llm.layers.validation import check_positive
 
 # GPT-2 initializes every kernel from N(0, 0.02).
 INITIALIZER_STDDEV = 0.02
@@ -39,7 +40,7 @@ class GPTBackbone(keras.Model):
 
     >>> backbone = GPTBackbone(vocabulary_size=100, num_layers=2, num_heads=2,
     ...                        hidden_size=16, intermediate_size=32, max_length=8)
-    >>> backbone(keras.ops.ones((2, 8), "int32")).shape
+    >>> keras.ops.shape(backbone(keras.ops.ones((2, 8), "int32")))
     (2, 8, 16)
 
     References:
@@ -50,6 +51,14 @@ class GPTBackbone(keras.Model):
                  max_length, dropout=0.0, activation="gelu_tanh", norm_first=True,
                  position="learned", layer_norm_epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
+        for name, value in (("vocabulary_size", vocabulary_size), ("num_layers", num_layers),
+                            ("num_heads", num_heads), ("hidden_size", hidden_size),
+                            ("max_length", max_length)):
+            check_positive(name, value)
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size must be divisible by num_heads; got hidden_size={hidden_size}, "
+                f"num_heads={num_heads}")
         initializer = keras.initializers.TruncatedNormal(stddev=INITIALIZER_STDDEV)
         self.token_embedding = ReversibleEmbedding(
             vocabulary_size, hidden_size, tie_weights=True,
@@ -175,7 +184,7 @@ class GPTCausalLM(keras.Model):
 
     >>> backbone = GPTBackbone(vocabulary_size=100, num_layers=1, num_heads=2,
     ...                        hidden_size=16, intermediate_size=32, max_length=8)
-    >>> GPTCausalLM(backbone)(keras.ops.ones((2, 8), "int32")).shape
+    >>> keras.ops.shape(GPTCausalLM(backbone)(keras.ops.ones((2, 8), "int32")))
     (2, 8, 100)
     """
 

@@ -1,0 +1,231 @@
+"""MultiHeadAttention: conformance with keras.layers.MultiHeadAttention, KV cache, config, errors."""
+import doctest
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_llm.layers import MultiHeadAttention, causal_mask, merge_masks
+from keras_llm.layers import attention as attention_module
+
+BATCH, LENGTH, SOURCE_LENGTH, HIDDEN, HEADS, HEAD_DIM = 2, 5, 7, 8, 2, 4
+TOLERANCE = 1e-5
+
+
+def random_normal(shape, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype("float32")
+
+
+def randomize(layer, seed=0):
+    """Gives every weight of `layer` random values, biases and norm parameters included."""
+    for i, weight in enumerate(layer.weights):
+        weight.assign(random_normal(weight.shape, seed=seed + i, scale=0.3))
+
+
+def copy_attention_weights(reference, layer):
+    """keras MHA kernels are (in, heads, head_dim) / (heads, head_dim, out); ours are 2-D."""
+    for ours, theirs in ((layer.query_kernel, reference._query_dense.kernel),
+                         (layer.key_kernel, reference._key_dense.kernel),
+                         (layer.value_kernel, reference._value_dense.kernel),
+                         (layer.output_kernel, reference._output_dense.kernel),
+                         (layer.query_bias, reference._query_dense.bias),
+                         (layer.key_bias, reference._key_dense.bias),
+                         (layer.value_bias, reference._value_dense.bias),
+                         (layer.output_bias, reference._output_dense.bias)):
+        ours.assign(np.reshape(ops.convert_to_numpy(theirs), ours.shape))
+
+
+def attention_pair(value_length=None, seed=0):
+    """Our layer and keras' layer, built for the same shapes, sharing random weights."""
+    query_shape = (BATCH, LENGTH, HIDDEN)
+    value_shape = (BATCH, value_length or LENGTH, HIDDEN)
+    reference = keras.layers.MultiHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM)
+    reference.build(query_shape, value_shape)
+    randomize(reference, seed)
+    layer = MultiHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM)
+    layer.build(query_shape, value_shape if value_length else None)
+    copy_attention_weights(reference, layer)
+    return layer, reference
+
+
+def padding(lengths, total):
+    return np.arange(total)[None, :] < np.array(lengths)[:, None]
+
+
+def assert_close(actual, expected, tolerance=TOLERANCE):
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(actual), ops.convert_to_numpy(expected), atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("use_causal_mask", [False, True])
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_self_attention_matches_keras(use_causal_mask, with_padding):
+    layer, reference = attention_pair()
+    x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
+    mask = None
+    if with_padding:
+        mask = np.broadcast_to(padding([5, 3], LENGTH)[:, None, :], (BATCH, LENGTH, LENGTH))
+    expected = reference(x, x, attention_mask=mask, use_causal_mask=use_causal_mask)
+    actual = layer(x, attention_mask=mask, use_causal_mask=use_causal_mask)
+    assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("use_causal_mask", [False, True])
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_cross_attention_matches_keras(use_causal_mask, with_padding):
+    layer, reference = attention_pair(value_length=SOURCE_LENGTH)
+    x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
+    memory = random_normal((BATCH, SOURCE_LENGTH, HIDDEN), seed=2)
+    mask = None
+    if with_padding:
+        mask = np.broadcast_to(padding([7, 4], SOURCE_LENGTH)[:, None, :],
+                               (BATCH, LENGTH, SOURCE_LENGTH))
+    expected = reference(x, memory, attention_mask=mask, use_causal_mask=use_causal_mask)
+    actual = layer(x, memory, attention_mask=mask, use_causal_mask=use_causal_mask)
+    assert_close(actual, expected)
+
+
+def test_padded_keys_are_ignored():
+    layer, _ = attention_pair()
+    x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
+    mask = merge_masks(padding([3, 3], LENGTH))
+    changed = x.copy()
+    changed[:, 3:] = random_normal((BATCH, LENGTH - 3, HIDDEN), seed=5)
+    assert_close(layer(changed, attention_mask=mask)[:, :3], layer(x, attention_mask=mask)[:, :3])
+
+
+def test_causal_mask_and_merge_masks_values():
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(causal_mask(2, 4, start_index=1)),
+        [[True, True, False, False], [True, True, True, False]])
+    merged = merge_masks(np.array([[1, 1, 0]]), np.tril(np.ones((1, 3, 3), bool)))
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(merged),
+        [[[True, False, False], [True, True, False], [True, True, False]]])
+    assert merge_masks() is None
+
+
+def decode_token_by_token(layer, x, cache_length, prefill=1):
+    """Feeds `x` through the KV cache: `prefill` tokens at once, then one token per step."""
+    cache = ops.zeros((BATCH, 2, cache_length, HEADS, HEAD_DIM))
+    outputs = []
+    step_starts = [0] + list(range(prefill, x.shape[1]))
+    step_ends = step_starts[1:] + [x.shape[1]]
+    for start, end in zip(step_starts, step_ends):
+        output, cache = layer(x[:, start:end], use_causal_mask=True, cache=cache,
+                              cache_index=start)
+        outputs.append(output)
+    return ops.concatenate(outputs, axis=1), cache
+
+
+@pytest.mark.parametrize("prefill", [1, 3])
+def test_cached_decoding_equals_causal_forward_pass(prefill):
+    layer, _ = attention_pair()
+    x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
+    full = layer(x, use_causal_mask=True)
+    # The cache is longer than the sequence: its unfilled tail must stay invisible.
+    decoded, cache = decode_token_by_token(layer, x, cache_length=LENGTH + 3, prefill=prefill)
+    assert_close(decoded, full)
+    assert ops.shape(cache) == (BATCH, 2, LENGTH + 3, HEADS, HEAD_DIM)
+    assert not np.any(ops.convert_to_numpy(cache)[:, :, LENGTH:])
+
+
+def test_cross_attention_cache_equals_direct_call():
+    layer, _ = attention_pair(value_length=SOURCE_LENGTH)
+    x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
+    memory = random_normal((BATCH, SOURCE_LENGTH, HIDDEN), seed=2)
+    cache = layer.compute_key_value_cache(memory)
+    output, returned_cache = layer(x, cache=cache)
+    assert_close(output, layer(x, memory))
+    assert_close(returned_cache, cache, tolerance=0)
+
+
+def test_dropout_path_equals_fused_path_at_rate_zero_and_drops_in_training():
+    # The explicit-softmax path (used in training with dropout) must compute the same
+    # attention as dot_product_attention; compare it at inference on the same weights.
+    layer, _ = attention_pair()
+    x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
+    q, k, v = layer._self_attention_qkv(x)
+    mask = merge_masks(padding([5, 3], LENGTH))
+    fused = layer._attend(q, k, v, mask, False, training=False)
+    layer.dropout = 0.5  # only _attend's branch reads it; the Dropout layer has rate 0
+    explicit = layer._attend(q, k, v, mask, False, training=True)
+    assert_close(explicit, fused)
+
+    keras.utils.set_random_seed(3)
+    dropping = MultiHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM, dropout=0.5)
+    inference = dropping(x, use_causal_mask=True)
+    assert_close(dropping(x, use_causal_mask=True, training=False), inference)
+    assert np.max(np.abs(ops.convert_to_numpy(
+        dropping(x, use_causal_mask=True, training=True) - inference))) > 1e-3
+
+
+def test_config_round_trip():
+    layer = MultiHeadAttention(num_heads=3, key_dim=4, value_dim=5, output_dim=6, dropout=0.1,
+                               use_bias=False, name="attention")
+    config = layer.get_config()
+    restored = MultiHeadAttention.from_config(config)
+    assert restored.get_config() == config
+    assert (restored.num_heads, restored.key_dim, restored.value_dim, restored.output_dim) == (
+        3, 4, 5, 6)
+    output = restored(random_normal((BATCH, LENGTH, HIDDEN)))
+    assert ops.shape(output) == (BATCH, LENGTH, 6)
+    assert len(restored.weights) == 4  # no biases
+
+
+def test_save_and_load_keras_file(tmp_path):
+    query = keras.Input((LENGTH, HIDDEN))
+    memory = keras.Input((SOURCE_LENGTH, HIDDEN))
+    mask = keras.Input((LENGTH, SOURCE_LENGTH), dtype="bool")
+    self_attended = MultiHeadAttention(HEADS, HEAD_DIM, name="self")(query, use_causal_mask=True)
+    cross_attended = MultiHeadAttention(HEADS, HEAD_DIM, name="cross")(
+        self_attended, memory, attention_mask=mask)
+    model = keras.Model([query, memory, mask], cross_attended)
+    inputs = [random_normal((BATCH, LENGTH, HIDDEN), seed=1),
+              random_normal((BATCH, SOURCE_LENGTH, HIDDEN), seed=2),
+              np.broadcast_to(padding([7, 4], SOURCE_LENGTH)[:, None, :],
+                              (BATCH, LENGTH, SOURCE_LENGTH))]
+    path = tmp_path / "attention.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(loaded.get_layer("cross"), MultiHeadAttention)
+    assert_close(loaded(inputs), model(inputs), tolerance=0)
+
+
+def test_docstring_examples_run():
+    results = doctest.testmod(attention_module, optionflags=doctest.ELLIPSIS)
+    assert results.attempted > 0 and results.failed == 0
+
+
+@pytest.mark.parametrize("arguments, name", [
+    ({"num_heads": 0, "key_dim": 4}, "num_heads"),
+    ({"num_heads": 2, "key_dim": -1}, "key_dim"),
+    ({"num_heads": 2, "key_dim": 4, "value_dim": 0}, "value_dim"),
+    ({"num_heads": 2, "key_dim": 4, "output_dim": 2.5}, "output_dim"),
+    ({"num_heads": 2, "key_dim": 4, "dropout": 1.0}, "dropout"),
+])
+def test_bad_constructor_arguments_name_the_argument(arguments, name):
+    with pytest.raises(ValueError, match=name):
+        MultiHeadAttention(**arguments)
+
+
+@pytest.mark.parametrize("mask_shape", [
+    (BATCH, LENGTH),  # a padding mask passed as attention_mask
+    (BATCH, LENGTH, LENGTH + 1),
+    (BATCH + 1, LENGTH, LENGTH),
+])
+def test_wrong_attention_mask_shape_names_the_argument(mask_shape):
+    layer = MultiHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, queries, keys"):
+        layer(random_normal((BATCH, LENGTH, HIDDEN)), attention_mask=np.ones(mask_shape, bool))
+
+
+def test_broadcast_mask_is_accepted_and_wrong_cache_shape_is_named():
+    layer = MultiHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM)
+    x = random_normal((BATCH, LENGTH, HIDDEN))
+    assert ops.shape(layer(x, attention_mask=np.ones((BATCH, 1, LENGTH), bool))) == (
+        BATCH, LENGTH, HIDDEN)
+    with pytest.raises(ValueError, match="cache must have shape"):
+        layer(x[:, :1], cache=ops.zeros((BATCH, 2, LENGTH, HEADS + 1, HEAD_DIM)),
+              cache_index=0)
