@@ -1,0 +1,156 @@
+"""GPT backbone and causal LM: cached decoding, greedy generation, config, saving, errors."""
+import doctest
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_llm.config import ModelConfig
+from keras_llm.models import GPTBackbone, GPTCausalLM
+from keras_llm.models import gpt as gpt_module
+
+VOCABULARY, BATCH, LENGTH = 50, 2, 8
+
+
+def make_lm(seed=0, **overrides):
+    keras.utils.set_random_seed(seed)
+    arguments = dict(vocabulary_size=VOCABULARY, num_layers=2, num_heads=2, hidden_size=16,
+                     intermediate_size=32, max_length=LENGTH)
+    arguments.update(overrides)
+    model = GPTCausalLM(GPTBackbone(**arguments))
+    model.build((None, None))
+    return model
+
+
+def token_ids(seed=1, shape=(BATCH, LENGTH)):
+    return np.random.default_rng(seed).integers(0, VOCABULARY, size=shape).astype("int32")
+
+
+def assert_close(actual, expected, tolerance=1e-5):
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(actual), ops.convert_to_numpy(expected), atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"norm_first": False, "position": "sinusoidal", "activation": "relu"},
+])
+def test_call_with_cache_equals_full_forward_pass(overrides):
+    model = make_lm(**overrides)
+    ids = token_ids()
+    logits = model(ids)
+    hidden = model.backbone(ids)
+    cache = model.backbone.empty_cache(BATCH, LENGTH)
+    assert ops.shape(cache) == (BATCH, 2, 2, LENGTH, 2, 8)
+    # Prefill three tokens at once, then decode one token per step.
+    step_logits, step_hidden, cache = model.call_with_cache(ids[:, :3], cache, 0)
+    assert_close(step_logits, logits[:, :3])
+    assert_close(step_hidden, hidden[:, :3])
+    for index in range(3, LENGTH):
+        step_logits, step_hidden, cache = model.call_with_cache(
+            ids[:, index:index + 1], cache, index)
+        assert_close(step_logits[:, 0], logits[:, index])
+        assert_close(step_hidden[:, 0], hidden[:, index])
+
+
+def test_logits_are_tied_to_the_token_embedding():
+    model = make_lm()
+    ids = token_ids()
+    embeddings = ops.convert_to_numpy(model.backbone.token_embedding.embeddings)
+    expected = ops.convert_to_numpy(model.backbone(ids)) @ embeddings.T
+    assert_close(model(ids), expected, tolerance=1e-4)
+    assert ops.shape(model(ids)) == (BATCH, LENGTH, VOCABULARY)
+
+
+def test_greedy_generate_step_equals_repeated_full_passes():
+    model = make_lm()
+    prompts = [[3, 14, 15], [9, 2]]
+    ids = np.zeros((BATCH, 6), "int32")
+    mask = np.zeros((BATCH, 6), bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = prompt
+        mask[row, :len(prompt)] = True
+    generated = ops.convert_to_numpy(
+        model.generate_step(ids, mask, keras_hub.samplers.GreedySampler()))
+    for row, prompt in enumerate(prompts):
+        expected = list(prompt)
+        while len(expected) < 6:
+            logits = ops.convert_to_numpy(model(np.array([expected], "int32")))
+            expected.append(int(np.argmax(logits[0, -1])))
+        assert generated[row].tolist() == expected
+
+
+def test_padding_does_not_change_earlier_positions():
+    model = make_lm()
+    ids = token_ids()
+    padded = ids.copy()
+    padded[:, 5:] = 0
+    mask = np.arange(LENGTH)[None, :] < 5
+    assert_close(model(padded, padding_mask=np.repeat(mask, BATCH, 0))[:, :5],
+                 model(ids[:, :5]))
+
+
+def test_config_round_trip():
+    backbone = GPTBackbone(vocabulary_size=40, num_layers=3, num_heads=4, hidden_size=8,
+                           intermediate_size=24, max_length=12, dropout=0.1, activation="gelu",
+                           norm_first=False, position="sinusoidal", layer_norm_epsilon=1e-6)
+    config = backbone.get_config()
+    restored = GPTBackbone.from_config(config)
+    assert restored.get_config() == config
+    assert len(restored.blocks) == 3 and restored.final_norm is None
+
+    model = GPTCausalLM(backbone)
+    restored_model = GPTCausalLM.from_config(model.get_config())
+    assert isinstance(restored_model.backbone, GPTBackbone)
+    assert restored_model.backbone.get_config() == config
+
+
+def test_from_model_config_uses_the_tokenizer_vocabulary():
+    model_config = ModelConfig(vocab_size=999, max_length=16, hidden_size=8, num_layers=1,
+                               num_heads=2, intermediate_size=16, position="sinusoidal")
+    backbone = GPTBackbone.from_model_config(model_config, vocabulary_size=30)
+    assert (backbone.vocabulary_size, backbone.max_length, backbone.position) == (
+        30, 16, "sinusoidal")
+    assert GPTBackbone.from_model_config(model_config).vocabulary_size == 999
+
+
+def test_save_and_load_keras_file(tmp_path):
+    model = make_lm()
+    ids = token_ids()
+    path = tmp_path / "gpt.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(loaded, GPTCausalLM) and isinstance(loaded.backbone, GPTBackbone)
+    assert_close(loaded(ids), model(ids), tolerance=0)
+    cache = loaded.backbone.empty_cache(BATCH, LENGTH)
+    step_logits, _, _ = loaded.call_with_cache(ids[:, :4], cache, 0)
+    assert_close(step_logits, model(ids)[:, :4])
+
+
+def test_docstring_examples_run():
+    results = doctest.testmod(gpt_module, optionflags=doctest.ELLIPSIS)
+    assert results.attempted > 0 and results.failed == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"position": "rotary"}, "position"),
+    ({"hidden_size": 10, "num_heads": 3}, "hidden_size must be divisible by num_heads"),
+    ({"vocabulary_size": 0}, "vocabulary_size"),
+    ({"num_layers": -1}, "num_layers"),
+    ({"max_length": 0}, "max_length"),
+    ({"intermediate_size": 0}, "intermediate_size"),
+])
+def test_bad_arguments_name_the_argument(overrides, message):
+    arguments = dict(vocabulary_size=VOCABULARY, num_layers=1, num_heads=2, hidden_size=16,
+                     intermediate_size=32, max_length=LENGTH)
+    arguments.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        GPTBackbone(**arguments)
+
+
+def test_sequence_longer_than_max_length_is_rejected():
+    model = make_lm()
+    with pytest.raises(ValueError, match=f"max_length={LENGTH}"):
+        model(token_ids(shape=(1, LENGTH + 1)))
