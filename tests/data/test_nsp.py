@@ -1,0 +1,71 @@
+"""Next-sentence pairs: balanced labels, each correct by construction, segment ids right."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_llm.data.nsp import assemble_pair, document_segments, next_sentence_dataset
+
+SPECIALS = dict(pad=0, unk=1, cls=2, sep=3, mask=4, eos=5)
+SEQ_LEN = 32  # segments of (32 - 3) // 2 = 14 tokens
+
+
+@pytest.fixture(scope="module")
+def examples():
+    # Token id = 1000 * document + position, so every token says where it came from.
+    rng = np.random.default_rng(0)
+    documents = [[1000 * d + p for p in range(int(rng.integers(5, 120)))] for d in range(1, 400)]
+    ds = tf.data.Dataset.from_tensor_slices(tf.ragged.constant(documents))
+    return list(next_sentence_dataset(ds, SPECIALS, SEQ_LEN, seed=3).as_numpy_iterator())
+
+
+def split(example):
+    ids, segments = example["token_ids"], example["segment_ids"]
+    real = example["padding_mask"]
+    first = ids[(segments == 0) & real][1:-1]
+    second = ids[(segments == 1) & real][:-1]
+    return first, second
+
+
+def test_labels_are_balanced(examples):
+    labels = np.array([e["next_sentence_label"] for e in examples])
+    assert len(examples) > 1000
+    assert abs(labels.mean() - 0.5) < 0.04
+
+
+def test_labels_are_correct_by_construction(examples):
+    for example in examples:
+        first, second = split(example)
+        same_document = first[0] // 1000 == second[0] // 1000
+        if example["next_sentence_label"] == 0:
+            assert same_document and second[0] == first[-1] + 1
+        else:
+            assert not same_document
+
+
+def test_layout_and_segment_ids(examples):
+    for example in examples[:200]:
+        ids, segments, real = (example["token_ids"], example["segment_ids"],
+                               example["padding_mask"])
+        length = real.sum()
+        assert ids[0] == SPECIALS["cls"] and ids[length - 1] == SPECIALS["sep"]
+        assert np.sum(ids[:length] == SPECIALS["sep"]) == 2
+        assert np.all(ids[length:] == SPECIALS["pad"]) and not real[length:].any()
+        # segment 0 runs through the first [sep], segment 1 after it.
+        first_sep = int(np.argmax(ids == SPECIALS["sep"]))
+        assert np.all(segments[:first_sep + 1] == 0) and np.all(segments[first_sep + 1:length] == 1)
+        assert np.all(segments[length:] == 0)
+        assert 1 <= len(split(example)[0]) <= 14 and 1 <= len(split(example)[1]) <= 14
+
+
+def test_segments_and_pair_assembly():
+    segments = document_segments(tf.range(10, 15), 2).numpy()
+    assert segments.tolist() == [[10, 11], [12, 13], [14, -1]]
+    pair = assemble_pair(tf.constant([7, 8]), tf.constant([9, -1]), SPECIALS, 8)
+    assert pair["token_ids"].numpy().tolist() == [2, 7, 8, 3, 9, 3, 0, 0]
+    assert pair["segment_ids"].numpy().tolist() == [0, 0, 0, 0, 1, 1, 0, 0]
+
+
+def test_too_short_sequence_is_refused():
+    ds = tf.data.Dataset.from_tensor_slices(tf.ragged.constant([[7, 8, 9]]))
+    with pytest.raises(ValueError, match="seq_len must be at least 5"):
+        next_sentence_dataset(ds, SPECIALS, 4)
