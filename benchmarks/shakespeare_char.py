@@ -1,0 +1,175 @@
+"""Character-level GPT on tinyshakespeare with nanoGPT's CPU settings; target val loss <= 1.88.
+
+nanoGPT (Karpathy) publishes validation loss about 1.88 for its `shakespeare_char` config run
+on a CPU: 4 layers, 4 heads, width 128, context 64, batch 12, 2,000 iterations, lr 1e-3 with
+100 warmup steps and cosine decay to 1e-4, AdamW betas (0.9, 0.99), weight decay 0.1,
+gradient clipping 1.0, dropout 0. This script trains our `GPTCausalLM` with exactly that
+recipe through the product's path (`make_optimizer` + `keras.Model.fit`) and reports:
+
+- `val_loss`: nanoGPT's estimate, the mean loss of `eval_iters` (20) random validation
+  batches, every `eval_interval` steps and at the end (the number compared with 1.88);
+- `full_val_loss`: the loss over the whole validation split cut into non-overlapping
+  windows of the context length (each character predicted from 0-63 previous ones);
+- the wall time of training.
+
+Split as nanoGPT's `prepare.py`: first 90% of the characters train, last 10% validation.
+
+    python benchmarks/shakespeare_char.py            # full run (minutes on a laptop CPU)
+    python benchmarks/shakespeare_char.py --quick    # smoke run
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+
+import benchlib
+
+TARGET_VAL_LOSS = 1.88  # nanoGPT README, shakespeare_char on CPU
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    benchlib.add_common_arguments(parser)
+    parser.add_argument("--data", default=None,
+                        help="text file (default: <shared data>/tinyshakespeare/input.txt)")
+    parser.add_argument("--steps", type=int, default=None, help="training iterations (2000)")
+    parser.add_argument("--eval-interval", type=int, default=None, help="(250)")
+    parser.add_argument("--eval-iters", type=int, default=None, help="(20)")
+    parser.add_argument("--jit-compile", choices=["auto", "true", "false"], default="auto")
+    args = benchlib.start(parser)
+    quick = args.quick
+    args.steps = args.steps or (20 if quick else 2000)
+    args.eval_interval = args.eval_interval or (10 if quick else 250)
+    args.eval_iters = args.eval_iters or (2 if quick else 20)
+    args.data = args.data or os.path.join(benchlib.data_dir(), "tinyshakespeare", "input.txt")
+    return args
+
+
+def load_characters(path):
+    """Returns `(train_ids, val_ids, vocabulary)`, nanoGPT's character split."""
+    with open(benchlib.require_file(path, "tinyshakespeare text"), encoding="utf-8") as f:
+        text = f.read()
+    if len(text) < 1000:
+        benchlib.fail(f"{path} holds only {len(text)} characters; need at least 1000")
+    vocabulary = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocabulary)}
+    ids = np.array([index[c] for c in text], dtype=np.int32)
+    split = int(len(ids) * 0.9)
+    return ids[:split], ids[split:], vocabulary
+
+
+def random_batch(ids, rng, batch_size, context):
+    """nanoGPT's `get_batch`: `batch_size` windows at uniform random offsets."""
+    starts = rng.integers(0, len(ids) - context, size=batch_size)
+    x = np.stack([ids[s:s + context] for s in starts])
+    y = np.stack([ids[s + 1:s + 1 + context] for s in starts])
+    return x, y
+
+
+def contiguous_windows(ids, context, limit=None):
+    """Non-overlapping `(inputs, targets)` windows covering `ids` (the full-split loss)."""
+    count = (len(ids) - 1) // context
+    if limit:
+        count = min(count, limit)
+    x = ids[:count * context].reshape(count, context)
+    y = ids[1:count * context + 1].reshape(count, context)
+    return x, y
+
+
+def main():
+    args = parse_args()
+    train_ids, val_ids, vocabulary = load_characters(args.data)  # fails fast without data
+    import keras
+
+    from keras_llm.config import ModelConfig, TrainConfig
+    from keras_llm.models.gpt import GPTBackbone, GPTCausalLM
+    from keras_llm.training.optim import make_optimizer
+
+    keras.utils.set_random_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    # nanoGPT shakespeare_char, CPU variant (its README's command line).
+    model_config = ModelConfig(
+        vocab_size=len(vocabulary), max_length=64, hidden_size=128, num_layers=4,
+        num_heads=4, intermediate_size=4 * 128, dropout=0.0, activation="gelu",
+        norm_first=True, position="learned", layer_norm_epsilon=1e-5)
+    train_config = TrainConfig(
+        batch_size=12, steps=args.steps, learning_rate=1e-3, min_learning_rate_ratio=0.1,
+        warmup_steps=100, weight_decay=0.1, beta_2=0.99, clip_norm=1.0,
+        eval_every=args.eval_interval, eval_steps=args.eval_iters, seed=args.seed)
+    context, batch_size = model_config.max_length, train_config.batch_size
+
+    model = GPTCausalLM(GPTBackbone.from_model_config(model_config))
+    model.compile(
+        optimizer=make_optimizer(train_config, total_steps=train_config.steps),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile={"auto": "auto", "true": True, "false": False}[args.jit_compile])
+
+    class TrainingBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+
+        def __len__(self):
+            return train_config.eval_every
+
+        def __getitem__(self, _):
+            return random_batch(train_ids, rng, batch_size, context)
+
+    def estimate_loss(ids):
+        """nanoGPT's `estimate_loss`: mean over `eval_iters` random batches."""
+        batches = [random_batch(ids, rng, batch_size, context)
+                   for _ in range(train_config.eval_steps)]
+        x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+        return float(model.evaluate(x, y, batch_size=batch_size, verbose=0))
+
+    history = []
+
+    class Evaluation(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            step = (epoch + 1) * train_config.eval_every
+            entry = {"step": step, "train_loss": estimate_loss(train_ids),
+                     "val_loss": estimate_loss(val_ids), "elapsed_s": time.perf_counter() - t0}
+            history.append(entry)
+            print(f"step {step:5d}: train loss {entry['train_loss']:.4f}, "
+                  f"val loss {entry['val_loss']:.4f}, {entry['elapsed_s']:.1f} s")
+
+    epochs = max(train_config.steps // train_config.eval_every, 1)
+    t0 = time.perf_counter()
+    model.fit(TrainingBatches(), epochs=epochs, callbacks=[Evaluation()], verbose=0)
+    wall_time = time.perf_counter() - t0  # includes the periodic evaluations, as nanoGPT's
+
+    val_x, val_y = contiguous_windows(val_ids, context, limit=64 if args.quick else None)
+    full_val_loss = float(model.evaluate(val_x, val_y, batch_size=128, verbose=0))
+    val_loss = history[-1]["val_loss"]
+    steps_done = epochs * train_config.eval_every
+    result = {
+        "target_val_loss": TARGET_VAL_LOSS,
+        "val_loss": val_loss,
+        "full_val_loss": full_val_loss,
+        "full_val_windows": int(len(val_x)),
+        "train_loss": history[-1]["train_loss"],
+        "meets_target": bool(val_loss <= TARGET_VAL_LOSS),
+        "steps": steps_done,
+        "wall_time_s": round(wall_time, 2),
+        "ms_per_step": round(1000 * wall_time / steps_done, 2),
+        "parameters": int(model.count_params()),
+        "vocabulary_size": len(vocabulary),
+        "train_characters": int(len(train_ids)),
+        "val_characters": int(len(val_ids)),
+        "model": model_config.__dict__,
+        "train": train_config.__dict__,
+        "history": history,
+    }
+    rows = [["ours: GPTCausalLM (keras fit)", f"{val_loss:.4f}", f"{full_val_loss:.4f}",
+             f"{TARGET_VAL_LOSS:.2f}", "yes" if result["meets_target"] else "NO",
+             steps_done, f"{wall_time:.1f}", f"{result['ms_per_step']:.1f}"]]
+    print(benchlib.format_table(
+        ["model", "val loss (20 batches)", "full val loss", "target", "met", "steps",
+         "wall s", "ms/step"], rows))
+    name = "shakespeare_char" + ("_quick" if args.quick else "")
+    print("wrote", benchlib.write_result(name, args, result))
+
+
+if __name__ == "__main__":
+    main()

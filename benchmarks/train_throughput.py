@@ -1,0 +1,304 @@
+"""Training tokens/s of our models vs keras-hub's at identical shapes, in one run; plus MFU.
+
+Pairs (ours vs keras-hub): `gpt` vs `keras_hub_gpt2` (GPT2Backbone + its tied LM head,
+i.e. `GPT2CausalLM` without a preprocessor); `bert` vs `keras_hub_bert` when
+`keras_llm.models.bert` exists (see `MODEL_BUILDERS` to add more). Both sides get the same
+optimizer (the product's AdamW: `make_optimizer`), the same loss
+(`SparseCategoricalCrossentropy(from_logits=True)`, no metrics), the same `jit_compile`
+and dtype policy, the same random token batches. Each model is stepped with
+`train_on_batch` (one synchronized step at a time); the first `--warmup-steps` (tracing,
+XLA compilation) are excluded, then `--windows` timed windows of `--window-steps` steps
+run interleaved across models (so load changes hit every model alike), and the median
+window gives tokens/s.
+
+Model FLOPs utilization (PaLM, appendix B; nanoGPT's `estimate_mfu`):
+
+    flops_per_token = 6 * N + 12 * L * T * D
+
+N = trainable parameters without the position table (the tied token embedding counts once:
+it is the LM head's matmul); L layers, T sequence length, D width; the second term is the
+attention score and value matmuls (counted without the causal halving). MFU = achieved
+FLOP/s / peak, with the peak measured in the same run (a square `--peak-size` matmul in the
+compute dtype) or given by `--peak-tflops` (e.g. 989 for an H100 SXM's bf16 dense peak).
+
+    python benchmarks/train_throughput.py                       # CPU, fp32, tiny + small
+    python benchmarks/train_throughput.py --jit-compile false,true
+    KERAS_BACKEND=jax python benchmarks/train_throughput.py --precision mixed_bfloat16 \\
+        --shapes gpu --peak-tflops 989                          # GPU
+"""
+import argparse
+import importlib.util
+import time
+
+import keras
+import numpy as np
+
+import benchlib
+
+# name: vocabulary, layers, width, heads, sequence length, batch
+SHAPES = {
+    "tiny": dict(vocab=8192, layers=4, width=256, heads=4, seq=128, batch=16),
+    "small": dict(vocab=8192, layers=6, width=512, heads=8, seq=256, batch=8),
+    "gpu": dict(vocab=50304, layers=12, width=768, heads=12, seq=1024, batch=16),
+    "quick": dict(vocab=512, layers=2, width=64, heads=2, seq=32, batch=4),
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    benchlib.add_common_arguments(parser)
+    parser.add_argument("--shapes", default=None, help="comma list of " + ", ".join(SHAPES))
+    parser.add_argument("--models", default=None,
+                        help="comma list (default: every available pair): "
+                             + ", ".join(MODEL_BUILDERS))
+    parser.add_argument("--jit-compile", default="auto",
+                        help="comma list of auto/true/false; each value is its own column set")
+    parser.add_argument("--precision", default="float32",
+                        choices=["float32", "mixed_bfloat16", "mixed_float16"])
+    parser.add_argument("--warmup-steps", type=int, default=None, help="(3)")
+    parser.add_argument("--windows", type=int, default=None, help="timed windows (5)")
+    parser.add_argument("--window-steps", type=int, default=None, help="steps per window (5)")
+    parser.add_argument("--peak-size", type=int, default=None, help="matmul size (2048)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="nominal peak for MFU instead of the measured matmul")
+    parser.add_argument("--name", default=None, help="result file stem")
+    args = benchlib.start(parser)
+    quick = args.quick
+    args.shapes = (args.shapes or ("quick" if quick else "tiny,small")).split(",")
+    for shape in args.shapes:
+        if shape not in SHAPES:
+            benchlib.fail(f"--shapes: unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    args.jit_compile = args.jit_compile.split(",")
+    args.warmup_steps = args.warmup_steps or (1 if quick else 3)
+    args.windows = args.windows or (2 if quick else 5)
+    args.window_steps = args.window_steps or (2 if quick else 5)
+    args.peak_size = args.peak_size or (256 if quick else 2048)
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Models. A builder takes a shape dict and returns (model, make_inputs(token_ids)), the
+# model uncompiled, taking `make_inputs(token_ids)` and trained on next-token targets.
+
+def build_gpt(shape):
+    from keras_llm.models.gpt import GPTBackbone, GPTCausalLM
+
+    backbone = GPTBackbone(
+        vocabulary_size=shape["vocab"], num_layers=shape["layers"], num_heads=shape["heads"],
+        hidden_size=shape["width"], intermediate_size=4 * shape["width"],
+        max_length=shape["seq"], dropout=0.0, activation="gelu_tanh")  # GPT-2's activation
+    return GPTCausalLM(backbone), lambda token_ids: token_ids
+
+
+def build_keras_hub_gpt2(shape):
+    import keras_hub
+
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=shape["vocab"], num_layers=shape["layers"], num_heads=shape["heads"],
+        hidden_dim=shape["width"], intermediate_dim=4 * shape["width"], dropout=0.0,
+        max_sequence_length=shape["seq"])
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    # keras-hub's causal LM always takes a padding mask (its preprocessor makes one).
+    return model, lambda token_ids: {"token_ids": token_ids,
+                                     "padding_mask": np.ones_like(token_ids, dtype=bool)}
+
+
+def build_bert(shape):
+    """Hook for our BERT (keras_llm/models/bert.py), trained as a plain token classifier
+    over the vocabulary at every position (the MLM head's cost without masking logic)."""
+    from keras_llm.models import bert
+
+    backbone = bert.BertBackbone(
+        vocabulary_size=shape["vocab"], num_layers=shape["layers"], num_heads=shape["heads"],
+        hidden_size=shape["width"], intermediate_size=4 * shape["width"],
+        max_length=shape["seq"], dropout=0.0)
+    return TiedTokenHead(backbone, lambda b, x: b(x), lambda b, h: b.logits(h)), \
+        lambda token_ids: token_ids
+
+
+def build_keras_hub_bert(shape):
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=shape["vocab"], num_layers=shape["layers"], num_heads=shape["heads"],
+        hidden_dim=shape["width"], intermediate_dim=4 * shape["width"], dropout=0.0,
+        max_sequence_length=shape["seq"])
+    model = TiedTokenHead(backbone, lambda b, x: b(x)["sequence_output"],
+                           lambda b, h: b.token_embedding(h, reverse=True))
+    return model, lambda token_ids: {
+        "token_ids": token_ids, "padding_mask": np.ones_like(token_ids, dtype=bool),
+        "segment_ids": np.zeros_like(token_ids)}
+
+
+class TiedTokenHead(keras.Model):
+    """`project(backbone, encode(backbone, inputs))`: a backbone plus its tied output layer."""
+
+    def __init__(self, backbone, encode, project, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone, self._encode, self._project = backbone, encode, project
+
+    def call(self, inputs):
+        return self._project(self.backbone, self._encode(self.backbone, inputs))
+
+
+def bert_available():
+    return importlib.util.find_spec("keras_llm.models.bert") is not None
+
+
+# name: (builder, the keras-hub model it is compared with (None: it is keras-hub's), available)
+MODEL_BUILDERS = {
+    "gpt": (build_gpt, "keras_hub_gpt2", lambda: True),
+    "keras_hub_gpt2": (build_keras_hub_gpt2, None, lambda: True),
+    "bert": (build_bert, "keras_hub_bert", bert_available),
+    "keras_hub_bert": (build_keras_hub_bert, None, bert_available),
+}
+
+
+def default_models():
+    return [name for name, (_, _, available) in MODEL_BUILDERS.items() if available()]
+
+
+# ---------------------------------------------------------------------------------------
+# Measurements.
+
+def sync(x):
+    """Waits for `x` (and so every op before it) to be computed."""
+    from keras import ops
+
+    return ops.convert_to_numpy(ops.reshape(x, (-1,))[:1])
+
+
+def measure_matmul_peak(size, dtype, repeats=10):
+    """FLOP/s of a `size` x `size` matmul in `dtype`: the practical peak of this device."""
+    from keras import ops
+
+    a = ops.cast(keras.random.normal((size, size), seed=1), dtype)
+    b = ops.cast(keras.random.normal((size, size), seed=2), dtype)
+    sync(ops.matmul(a, b))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            c = ops.matmul(a, b)
+        sync(c)
+        times.append((time.perf_counter() - start) / repeats)
+    return 2 * size ** 3 / min(times)
+
+
+def flops_per_token(parameters_without_positions, shape):
+    return (6 * parameters_without_positions
+            + 12 * shape["layers"] * shape["seq"] * shape["width"])
+
+
+def count_parameters(model, shape):
+    """Trainable parameters without the position table (`max_length * width`)."""
+    total = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    return total, total - shape["seq"] * shape["width"]
+
+
+def run_shape(shape_name, jit_compile, args):
+    from keras_llm.config import TrainConfig
+    from keras_llm.training.optim import make_optimizer
+
+    shape = SHAPES[shape_name]
+    rng = np.random.default_rng(args.seed)
+    batches = [rng.integers(0, shape["vocab"], size=(shape["batch"], shape["seq"] + 1),
+                            dtype=np.int32) for _ in range(4)]
+    jit = {"auto": "auto", "true": True, "false": False}[jit_compile]
+    contenders = {}
+    for name in args.models:
+        keras.utils.set_random_seed(args.seed)
+        model, make_inputs = MODEL_BUILDERS[name][0](shape)
+        total_steps = args.warmup_steps + args.windows * args.window_steps
+        model.compile(
+            optimizer=make_optimizer(TrainConfig(warmup_steps=0), total_steps=total_steps),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit)
+        steps = [(make_inputs(b[:, :-1]), b[:, 1:]) for b in batches]
+        with benchlib.Stopwatch() as warmup:
+            for i in range(args.warmup_steps):
+                x, y = steps[i % len(steps)]
+                model.train_on_batch(x, y)
+        total, without_positions = count_parameters(model, shape)
+        contenders[name] = dict(model=model, steps=steps, windows=[],
+                                warmup_s=warmup.seconds, parameters=total,
+                                flops_per_token=flops_per_token(without_positions, shape),
+                                jit_compile=str(model.jit_compile))
+    tokens_per_window = args.window_steps * shape["batch"] * shape["seq"]
+    for _ in range(args.windows):
+        for name, c in contenders.items():
+            with benchlib.Stopwatch() as window:
+                for i in range(args.window_steps):
+                    x, y = c["steps"][i % len(c["steps"])]
+                    logs = c["model"].train_on_batch(x, y, return_dict=True)
+            c["windows"].append(tokens_per_window / window.seconds)
+            c["last_loss"] = float(logs["loss"])
+    results = []
+    for name, c in contenders.items():
+        tokens_per_s = benchlib.median(c["windows"])
+        results.append({
+            "shape": shape_name, **shape, "model": name, "jit_compile": c["jit_compile"],
+            "tokens_per_s": tokens_per_s, "windows_tokens_per_s": c["windows"],
+            "step_ms": 1000 * shape["batch"] * shape["seq"] / tokens_per_s,
+            "warmup_s": c["warmup_s"], "parameters": c["parameters"],
+            "flops_per_token": c["flops_per_token"],
+            "achieved_tflops": tokens_per_s * c["flops_per_token"] / 1e12,
+            "last_loss": c["last_loss"],
+        })
+        del c["model"]
+    keras.backend.clear_session()
+    return results
+
+
+def main():
+    args = parse_args()
+    args.models = (args.models.split(",") if args.models else default_models())
+    for name in args.models:
+        if name not in MODEL_BUILDERS:
+            benchlib.fail(f"--models: unknown model {name!r}; choose from "
+                          f"{', '.join(MODEL_BUILDERS)}")
+        if not MODEL_BUILDERS[name][2]():
+            benchlib.fail(f"--models: {name} is not available (keras_llm.models.bert missing)")
+    keras.mixed_precision.set_global_policy(args.precision)
+    compute_dtype = keras.config.dtype_policy().compute_dtype
+
+    peak_measured = measure_matmul_peak(args.peak_size, compute_dtype)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_measured
+    print(f"{compute_dtype} {args.peak_size}x{args.peak_size} matmul: "
+          f"{peak_measured / 1e9:.1f} GFLOP/s measured; MFU peak used: {peak / 1e12:.3f} "
+          f"TFLOP/s ({'nominal' if args.peak_tflops else 'measured'})")
+
+    rows = []
+    for jit_compile in args.jit_compile:
+        for shape_name in args.shapes:
+            rows.extend(run_shape(shape_name, jit_compile, args))
+    by_key = {(r["shape"], r["jit_compile"], r["model"]): r for r in rows}
+    for r in rows:
+        r["mfu"] = r["achieved_tflops"] * 1e12 / peak
+        rival = MODEL_BUILDERS[r["model"]][1]
+        other = by_key.get((r["shape"], r["jit_compile"], rival))
+        r["speedup_vs_keras_hub"] = r["tokens_per_s"] / other["tokens_per_s"] if other else None
+
+    table = [[r["shape"], r["model"], r["jit_compile"], f"{r['parameters'] / 1e6:.2f}M",
+              f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
+              f"{r['achieved_tflops'] * 1e3:.1f}", f"{100 * r['mfu']:.1f}%",
+              f"{r['speedup_vs_keras_hub']:.2f}x" if r["speedup_vs_keras_hub"] else "",
+              f"{r['warmup_s']:.1f}"] for r in rows]
+    print(benchlib.format_table(
+        ["shape", "model", "jit", "params", "tokens/s", "ms/step", "GFLOP/s", "MFU",
+         "vs keras-hub", "warmup s"], table))
+    print("FLOPs/token = 6*N + 12*L*T*D (N: trainable params without the position table)")
+    name = args.name or ("train_throughput" + ("_quick" if args.quick else ""))
+    print("wrote", benchlib.write_result(name, args, {
+        "flops_formula": "6*N + 12*L*T*D per token; N = trainable params - position table",
+        "compute_dtype": compute_dtype,
+        "peak_matmul_size": args.peak_size,
+        "peak_measured_tflops": peak_measured / 1e12,
+        "peak_used_tflops": peak / 1e12,
+        "peak_source": "nominal (--peak-tflops)" if args.peak_tflops else "measured matmul",
+        "rows": rows,
+    }))
+
+
+if __name__ == "__main__":
+    main()
