@@ -10,6 +10,11 @@ def causal_mask(query_length, key_length, start_index=0):
 
     `start_index` is the position of the first query in the sequence, so the same mask serves
     a full forward pass (`start_index=0`) and a cached decoding step (`start_index=cache_index`).
+
+    Example:
+
+    >>> keras.ops.convert_to_numpy(causal_mask(2, 3, start_index=1)).tolist()
+    [[True, True, False], [True, True, True]]
     """
     query_positions = ops.arange(query_length)[:, None] + start_index
     key_positions = ops.arange(key_length)[None, :]
@@ -20,6 +25,12 @@ def merge_masks(padding_mask=None, attention_mask=None):
     """Combines a `(batch, keys)` padding mask and a `(batch, queries, keys)` attention mask.
 
     Returns a boolean `(batch, queries, keys)` mask, or `None` when neither is given.
+
+    Example:
+
+    >>> mask = merge_masks(padding_mask=keras.ops.array([[1, 1, 0]]))
+    >>> keras.ops.convert_to_numpy(mask).tolist()
+    [[[True, True, False]]]
     """
     mask = None
     if padding_mask is not None:

@@ -154,3 +154,17 @@ def test_sequence_longer_than_max_length_is_rejected():
     model = make_lm()
     with pytest.raises(ValueError, match=f"max_length={LENGTH}"):
         model(token_ids(shape=(1, LENGTH + 1)))
+
+
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="compiles with tf.function")
+def test_compiled_decoding_step_with_tensor_cache_index():
+    # Generation compiles the step: shapes turn symbolic and cache_index becomes a tensor.
+    import tensorflow as tf
+
+    model = make_lm()
+    ids = token_ids()
+    step = tf.function(model.call_with_cache)
+    cache = model.backbone.empty_cache(BATCH, LENGTH)
+    _, _, cache = step(ids[:, :4], cache, tf.constant(0))
+    step_logits, _, _ = step(ids[:, 4:5], cache, tf.constant(4))
+    assert_close(step_logits[:, 0], model(ids)[:, 4])
