@@ -22,6 +22,14 @@ from keras_llm.errors import ConfigError
 
 MODEL_FAMILIES = ("gpt", "bert", "roberta", "electra", "seq2seq")
 TOKENIZER_KINDS = ("bpe", "wordpiece", "sentencepiece")
+# Each task and the model families it trains.
+TASK_FAMILIES = {
+    "causal_lm": ("gpt",),
+    "mlm": ("bert", "roberta"),
+    "mlm_nsp": ("bert",),
+    "electra": ("electra",),
+    "seq2seq_denoising": ("seq2seq",),
+}
 
 
 @dataclasses.dataclass
@@ -39,6 +47,10 @@ class ModelConfig:
     position: str = "learned"
     layer_norm_epsilon: float = 1e-5
     tie_embeddings: bool = True
+    # Encoder families (keras_llm/models/{bert,electra,seq2seq}.py); None = derived default.
+    embedding_size: typing.Optional[int] = None  # None: hidden_size (ELECTRA-small: 128)
+    generator_hidden_size: typing.Optional[int] = None  # ELECTRA; None: hidden_size // 4
+    num_decoder_layers: typing.Optional[int] = None  # seq2seq; None: num_layers
 
     def validate(self, where):
         _check_choice(where, "model.family", self.family, MODEL_FAMILIES)
@@ -53,6 +65,9 @@ class ModelConfig:
                 f"model.num_heads ({self.num_heads})")
         _check_fraction(where, "model.dropout", self.dropout)
         _check_positive(where, "model.layer_norm_epsilon", self.layer_norm_epsilon)
+        for key in ("embedding_size", "generator_hidden_size", "num_decoder_layers"):
+            if getattr(self, key) is not None:
+                _check_positive(where, f"model.{key}", getattr(self, key))
 
 
 @dataclasses.dataclass
@@ -65,6 +80,12 @@ class DataConfig:
     validation_fraction: float = 0.05
     shuffle_buffer: int = 2048
     lowercase: bool = False
+    # Masked LM (mlm, mlm_nsp, electra) and denoising (seq2seq_denoising) objectives.
+    masking: str = "dynamic"
+    mask_rate: float = 0.15
+    whole_word_masking: bool = False
+    noise_density: float = 0.3
+    mean_noise_span_length: float = 3.0
 
     def validate(self, where):
         _check_choice(where, "data.tokenizer", self.tokenizer, TOKENIZER_KINDS)
@@ -74,6 +95,14 @@ class DataConfig:
                 f"{where}: data.validation_fraction must be in (0, 0.5), got "
                 f"{self.validation_fraction!r}")
         _check_positive(where, "data.shuffle_buffer", self.shuffle_buffer)
+        _check_choice(where, "data.masking", self.masking, ("static", "dynamic"))
+        for key in ("mask_rate", "noise_density"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"{where}: data.{key} must be in (0, 1), got "
+                                  f"{getattr(self, key)!r}")
+        if self.mean_noise_span_length < 1.0:
+            raise ConfigError(f"{where}: data.mean_noise_span_length must be >= 1, got "
+                              f"{self.mean_noise_span_length!r}")
 
 
 @dataclasses.dataclass
@@ -90,12 +119,14 @@ class TrainConfig:
     eval_every: int = 250
     eval_steps: int = 20
     seed: int = 1337
+    rtd_weight: float = 50.0  # ELECTRA: loss = MLM + rtd_weight * replaced-token detection
 
     def validate(self, where):
         for key in ("batch_size", "steps", "learning_rate", "eval_every", "eval_steps"):
             _check_positive(where, f"train.{key}", getattr(self, key))
         if self.epochs is not None:
             _check_positive(where, "train.epochs", self.epochs)
+        _check_positive(where, "train.rtd_weight", self.rtd_weight)
         if self.warmup_steps < 0:
             raise ConfigError(f"{where}: train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check_fraction(where, "train.min_learning_rate_ratio", self.min_learning_rate_ratio)
@@ -113,8 +144,11 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def validate(self, where="config"):
-        _check_choice(where, "task", self.task, ("causal_lm",))
+        _check_choice(where, "task", self.task, tuple(TASK_FAMILIES))
         self.model.validate(where)
+        if self.model.family not in TASK_FAMILIES[self.task]:
+            raise ConfigError(f"{where}: task {self.task} trains model.family "
+                              f"{' or '.join(TASK_FAMILIES[self.task])}; got {self.model.family!r}")
         self.data.validate(where)
         self.train.validate(where)
         if self.data.seq_len > self.model.max_length:
