@@ -165,10 +165,15 @@ class Config:
         return _build(cls, values or {}, where, prefix="").validate(where)
 
 
+# Shipped YAML files that are not model configs: pipelines and search spaces.
+NON_MODEL_CONFIG_PREFIXES = ("pipeline-", "tune-")
+
+
 def builtin_config_names():
-    """Names of the configs shipped in the package (`gpt-tiny`, `gpt-small`, ...)."""
+    """Names of the model configs shipped in the package (`gpt-tiny`, `gpt-small`, ...)."""
     root = importlib.resources.files("keras_llm.configs")
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in root.iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith(NON_MODEL_CONFIG_PREFIXES))
 
 
 def read_config_file(name_or_path):
