@@ -1,4 +1,4 @@
-"""MultiHeadAttention: conformance with keras.layers.MultiHeadAttention, KV cache, config, errors."""
+"""MultiHeadAttention: conformance with keras MultiHeadAttention, KV cache, saving, errors."""
 import doctest
 
 import keras
@@ -84,6 +84,17 @@ def test_cross_attention_matches_keras(use_causal_mask, with_padding):
     expected = reference(x, memory, attention_mask=mask, use_causal_mask=use_causal_mask)
     actual = layer(x, memory, attention_mask=mask, use_causal_mask=use_causal_mask)
     assert_close(actual, expected)
+
+
+def test_fully_masked_query_matches_keras():
+    # A query that may attend to nothing (e.g. a left-padded first token) must not give NaN.
+    layer, reference = attention_pair()
+    x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
+    mask = np.ones((BATCH, LENGTH, LENGTH), bool)
+    mask[:, 0] = False
+    actual = layer(x, attention_mask=mask)
+    assert not np.any(np.isnan(ops.convert_to_numpy(actual)))
+    assert_close(actual, reference(x, x, attention_mask=mask))
 
 
 def test_padded_keys_are_ignored():

@@ -1,4 +1,4 @@
-"""Transformer blocks: conformance with keras-hub's encoder and decoder, KV cache, saving, errors."""
+"""Transformer blocks: conformance with keras-hub encoder and decoder, KV cache, saving."""
 import doctest
 import math
 
