@@ -420,7 +420,7 @@ class RestHandler(http.server.BaseHTTPRequestHandler):
         return predict(loaded, request, server.max_batch_size)
 
     def _respond(self, status, payload):
-        data = json.dumps(payload, indent=1).encode("utf-8") + b"\n"
+        data = json.dumps(payload, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
