@@ -1,8 +1,9 @@
 """Training tokens/s of our models vs keras-hub's at identical shapes, in one run; plus MFU.
 
 Pairs (ours vs keras-hub): `gpt` vs `keras_hub_gpt2` (GPT2Backbone + its tied LM head,
-i.e. `GPT2CausalLM` without a preprocessor); `bert` vs `keras_hub_bert` when
-`keras_llm.models.bert` exists (see `MODEL_BUILDERS` to add more). Both sides get the same
+i.e. `GPT2CausalLM` without a preprocessor); `bert` vs `keras_hub_bert` (each one's
+`BertMaskedLM`, 15% of positions predicted) when `keras_llm.models.bert` exists. To add a
+pair, write two builders and list them in `MODEL_BUILDERS`. Both sides get the same
 optimizer (the product's AdamW: `make_optimizer`), the same loss
 (`SparseCategoricalCrossentropy(from_logits=True)`, no metrics), the same `jit_compile`
 and dtype policy, the same random token batches. Each model is stepped with
@@ -11,13 +12,14 @@ XLA compilation) are excluded, then `--windows` timed windows of `--window-steps
 run interleaved across models (so load changes hit every model alike), and the median
 window gives tokens/s.
 
-Model FLOPs utilization (PaLM, appendix B; nanoGPT's `estimate_mfu`):
+Model FLOPs utilization (PaLM, appendix B; nanoGPT's `estimate_mfu`), for causal LMs:
 
     flops_per_token = 6 * N + 12 * L * T * D
 
 N = trainable parameters without the position table (the tied token embedding counts once:
 it is the LM head's matmul); L layers, T sequence length, D width; the second term is the
-attention score and value matmuls (counted without the causal halving). MFU = achieved
+attention score and value matmuls (counted without the causal halving); masked LMs use
+`masked_lm_flops` (the same, with the MLM head counted on predicted positions only). MFU = achieved
 FLOP/s / peak, with the peak measured in the same run (a square `--peak-size` matmul in the
 compute dtype) or given by `--peak-tflops` (e.g. 989 for an H100 SXM's bf16 dense peak).
 
@@ -77,8 +79,18 @@ def parse_args():
 
 
 # ---------------------------------------------------------------------------------------
-# Models. A builder takes a shape dict and returns (model, make_inputs(token_ids)), the
-# model uncompiled, taking `make_inputs(token_ids)` and trained on next-token targets.
+# Models. A builder takes a shape dict and returns `(model, make_step, flops_per_token)`:
+# the uncompiled model, a function turning a `(batch, seq + 1)` id array into one training
+# step's `(inputs, targets)`, and the model FLOPs of one input token (see the docstring).
+
+def causal_lm_flops(model, shape):
+    """6 N + 12 L T D with N = trainable parameters without the position table."""
+    return 6 * (count_parameters(model) - shape["seq"] * shape["width"]) + attention_flops(shape)
+
+
+def attention_flops(shape):
+    return 12 * shape["layers"] * shape["seq"] * shape["width"]
+
 
 def build_gpt(shape):
     from keras_llm.models.gpt import GPTBackbone, GPTCausalLM
@@ -87,7 +99,7 @@ def build_gpt(shape):
         vocabulary_size=shape["vocab"], num_layers=shape["layers"], num_heads=shape["heads"],
         hidden_size=shape["width"], intermediate_size=4 * shape["width"],
         max_length=shape["seq"], dropout=0.0, activation="gelu_tanh")  # GPT-2's activation
-    return GPTCausalLM(backbone), lambda token_ids: token_ids
+    return GPTCausalLM(backbone), lambda ids: (ids[:, :-1], ids[:, 1:]), causal_lm_flops
 
 
 def build_keras_hub_gpt2(shape):
@@ -98,22 +110,55 @@ def build_keras_hub_gpt2(shape):
         hidden_dim=shape["width"], intermediate_dim=4 * shape["width"], dropout=0.0,
         max_sequence_length=shape["seq"])
     model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    # keras-hub's causal LM always takes a padding mask (its preprocessor makes one).
-    return model, lambda token_ids: {"token_ids": token_ids,
-                                     "padding_mask": np.ones_like(token_ids, dtype=bool)}
+
+    def make_step(ids):
+        # keras-hub's causal LM always takes a padding mask (its preprocessor makes one).
+        x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1], dtype=bool)}
+        return x, ids[:, 1:]
+
+    return model, make_step, causal_lm_flops
+
+
+MASK_RATE = 0.15  # BERT predicts 15% of the positions
+
+
+def masked_lm_step(ids, with_segments):
+    """Masked-LM inputs with fixed-count random mask positions (the tokens are left in
+    place: the cost, not the task, is measured)."""
+    token_ids = ids[:, :-1]
+    batch, seq = token_ids.shape
+    predictions = max(1, round(MASK_RATE * seq))
+    rng = np.random.default_rng(int(ids[0, 0]))
+    positions = np.sort(np.stack([rng.choice(seq, predictions, replace=False)
+                                  for _ in range(batch)]), axis=1).astype(np.int32)
+    x = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids, dtype=bool),
+         "mask_positions": positions}
+    if with_segments:
+        x["segment_ids"] = np.zeros_like(token_ids)
+    return x, np.take_along_axis(token_ids, positions, axis=1)
+
+
+def masked_lm_flops(model, shape):
+    """6 N_body + 12 L T D + 6 (V D + D D) P / T: the embedding tables are lookups, and the
+    MLM head (dense + tied projection) runs on the P = 15% masked positions only."""
+    vocab, width, seq = shape["vocab"], shape["width"], shape["seq"]
+    tables = (vocab + seq + 2) * width  # token, position, segment embeddings
+    head = vocab * width + width * width
+    body = count_parameters(model) - tables - head
+    predictions = max(1, round(MASK_RATE * seq))
+    return 6 * body + attention_flops(shape) + 6 * head * predictions / seq
 
 
 def build_bert(shape):
-    """Hook for our BERT (keras_llm/models/bert.py), trained as a plain token classifier
-    over the vocabulary at every position (the MLM head's cost without masking logic)."""
-    from keras_llm.models import bert
+    """Our BERT (keras_llm/models/bert.py) with its masked-LM head."""
+    from keras_llm.models.bert import BertBackbone, BertMaskedLM
 
-    backbone = bert.BertBackbone(
+    backbone = BertBackbone(
         vocabulary_size=shape["vocab"], num_layers=shape["layers"], num_heads=shape["heads"],
         hidden_size=shape["width"], intermediate_size=4 * shape["width"],
         max_length=shape["seq"], dropout=0.0)
-    return TiedTokenHead(backbone, lambda b, x: b(x), lambda b, h: b.logits(h)), \
-        lambda token_ids: token_ids
+    return (BertMaskedLM(backbone), lambda ids: masked_lm_step(ids, with_segments=True),
+            masked_lm_flops)
 
 
 def build_keras_hub_bert(shape):
@@ -123,22 +168,8 @@ def build_keras_hub_bert(shape):
         vocabulary_size=shape["vocab"], num_layers=shape["layers"], num_heads=shape["heads"],
         hidden_dim=shape["width"], intermediate_dim=4 * shape["width"], dropout=0.0,
         max_sequence_length=shape["seq"])
-    model = TiedTokenHead(backbone, lambda b, x: b(x)["sequence_output"],
-                           lambda b, h: b.token_embedding(h, reverse=True))
-    return model, lambda token_ids: {
-        "token_ids": token_ids, "padding_mask": np.ones_like(token_ids, dtype=bool),
-        "segment_ids": np.zeros_like(token_ids)}
-
-
-class TiedTokenHead(keras.Model):
-    """`project(backbone, encode(backbone, inputs))`: a backbone plus its tied output layer."""
-
-    def __init__(self, backbone, encode, project, **kwargs):
-        super().__init__(**kwargs)
-        self.backbone, self._encode, self._project = backbone, encode, project
-
-    def call(self, inputs):
-        return self._project(self.backbone, self._encode(self.backbone, inputs))
+    model = keras_hub.models.BertMaskedLM(backbone=backbone, preprocessor=None)
+    return model, lambda ids: masked_lm_step(ids, with_segments=True), masked_lm_flops
 
 
 def bert_available():
@@ -185,15 +216,8 @@ def measure_matmul_peak(size, dtype, repeats=10):
     return 2 * size ** 3 / min(times)
 
 
-def flops_per_token(parameters_without_positions, shape):
-    return (6 * parameters_without_positions
-            + 12 * shape["layers"] * shape["seq"] * shape["width"])
-
-
-def count_parameters(model, shape):
-    """Trainable parameters without the position table (`max_length * width`)."""
-    total = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
-    return total, total - shape["seq"] * shape["width"]
+def count_parameters(model):
+    return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
 
 
 def run_shape(shape_name, jit_compile, args):
@@ -208,21 +232,20 @@ def run_shape(shape_name, jit_compile, args):
     contenders = {}
     for name in args.models:
         keras.utils.set_random_seed(args.seed)
-        model, make_inputs = MODEL_BUILDERS[name][0](shape)
+        model, make_step, model_flops = MODEL_BUILDERS[name][0](shape)
         total_steps = args.warmup_steps + args.windows * args.window_steps
         model.compile(
             optimizer=make_optimizer(TrainConfig(warmup_steps=0), total_steps=total_steps),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=jit)
-        steps = [(make_inputs(b[:, :-1]), b[:, 1:]) for b in batches]
+        steps = [make_step(b) for b in batches]
         with benchlib.Stopwatch() as warmup:
             for i in range(args.warmup_steps):
                 x, y = steps[i % len(steps)]
                 model.train_on_batch(x, y)
-        total, without_positions = count_parameters(model, shape)
         contenders[name] = dict(model=model, steps=steps, windows=[],
-                                warmup_s=warmup.seconds, parameters=total,
-                                flops_per_token=flops_per_token(without_positions, shape),
+                                warmup_s=warmup.seconds, parameters=count_parameters(model),
+                                flops_per_token=model_flops(model, shape),
                                 jit_compile=str(model.jit_compile))
     tokens_per_window = args.window_steps * shape["batch"] * shape["seq"]
     for _ in range(args.windows):
@@ -281,13 +304,14 @@ def main():
 
     table = [[r["shape"], r["model"], r["jit_compile"], f"{r['parameters'] / 1e6:.2f}M",
               f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
-              f"{r['achieved_tflops'] * 1e3:.1f}", f"{100 * r['mfu']:.1f}%",
+              f"{r['achieved_tflops'] * 1e3:.1f}", f"{100 * r['mfu']:.3g}%",
               f"{r['speedup_vs_keras_hub']:.2f}x" if r["speedup_vs_keras_hub"] else "",
               f"{r['warmup_s']:.1f}"] for r in rows]
     print(benchlib.format_table(
         ["shape", "model", "jit", "params", "tokens/s", "ms/step", "GFLOP/s", "MFU",
          "vs keras-hub", "warmup s"], table))
-    print("FLOPs/token = 6*N + 12*L*T*D (N: trainable params without the position table)")
+    print("FLOPs/token = 6*N + 12*L*T*D (N: trainable params without the position table; "
+          "masked LMs count the MLM head on predicted positions only)")
     name = args.name or ("train_throughput" + ("_quick" if args.quick else ""))
     print("wrote", benchlib.write_result(name, args, {
         "flops_formula": "6*N + 12*L*T*D per token; N = trainable params - position table",

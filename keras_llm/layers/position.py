@@ -90,7 +90,9 @@ class LearnedPositionEmbedding(keras.layers.Layer):
             raise ValueError(
                 f"positions {start_index}..{start_index + length - 1} exceed "
                 f"max_length={self.max_length}")
-        return ops.slice(self.embeddings, (start_index, 0), (length, self.embeddings.shape[-1]))
+        # convert_to_tensor: JAX (>= 0.10) no longer slices a keras Variable directly.
+        table = ops.convert_to_tensor(self.embeddings)
+        return ops.slice(table, (start_index, 0), (length, self.embeddings.shape[-1]))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[-2:])
