@@ -26,8 +26,10 @@ Example (executors are imported when their component runs):
 >>> [(r.node, r.status) for r in results]                   # doctest: +SKIP
 [('pretrain', 'cached'), ('finetune', 'ran'), ('tune', 'ran'), ('export', 'ran')]
 """
+import contextlib
 import dataclasses
 import difflib
+import fcntl
 import logging
 import os
 import shutil
@@ -211,6 +213,28 @@ def run_pipeline(pipeline, components=None, root=None, report=None):
     """
     if not isinstance(pipeline, Pipeline):
         pipeline = load_pipeline(pipeline, components=components, root=root)
+    with _exclusive(pipeline.root):
+        return _run_nodes(pipeline, report)
+
+
+@contextlib.contextmanager
+def _exclusive(root):
+    """Holds `ROOT/.lock` so two runs never share a root (each would take the other's
+    running executions for abandoned ones)."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArtifactError(f"{root}: another pipeline run is using this root; wait for "
+                                f"it to finish")
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run_nodes(pipeline, report):
     store = MetadataStore(os.path.join(pipeline.root, DATABASE_FILE))
     try:
         if store.abandon_running(pipeline.name):

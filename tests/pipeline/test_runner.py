@@ -423,3 +423,42 @@ def test_cli_errors_are_one_line(tmp_path, fake_components):
     assert result.output.splitlines()[-1].startswith(
         "Error: component 'finetune' failed (execution 2): ValueError: boom")
     assert "finetune     failed" in result.output
+
+
+def test_two_runs_cannot_share_a_root(tmp_path):
+    import fcntl
+
+    root = tmp_path / "root"
+    root.mkdir()
+    with open(root / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ArtifactError, match="another pipeline run is using this root"):
+            run(pipeline_file(tmp_path))
+    assert CALLS == []
+    assert [r.status for r in run(pipeline_file(tmp_path))] == ["ran"] * 3
+
+
+@pytest.mark.slow
+def test_real_pretrain_component_runs_and_caches(tmp_path):
+    try:
+        import keras_llm.training.pretrain  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"keras_llm.training.pretrain does not import yet: {e}")
+    import json
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}: the quick brown fox jumps "
+                                                  f"over the lazy dog number {i % 7}."}) + "\n"
+                              for i in range(200)))
+    overrides = {"data.source": str(corpus), "model.vocab_size": 300, "model.max_length": 16,
+                 "model.hidden_size": 16, "model.num_layers": 1, "model.num_heads": 2,
+                 "model.intermediate_size": 32, "data.seq_len": 16, "train.batch_size": 4,
+                 "train.steps": 3, "train.warmup_steps": 1, "train.eval_every": 3,
+                 "train.eval_steps": 1}
+    path = pipeline_file(tmp_path, components=[{"component": "pretrain", "parameters": {
+        "config": {"base": "gpt-tiny", "overrides": overrides}}}])
+    (result,) = run_pipeline(path)
+    assert result.status == "ran"
+    with open(os.path.join(result.outputs["output_dir"], "metadata.json")) as f:
+        assert json.load(f)["artifact_type"] == "keras_llm.PretrainedModel"
+    assert run_pipeline(path)[0].status == "cached"
