@@ -119,7 +119,7 @@ class ModelVersions:
         self.latest = None
         self._loaded = {}
         self._failed = {}
-        self._failed_mtime = {}
+        self._failed_snapshot = {}
         self._load_lock = threading.Lock()
 
     def refresh(self):
@@ -172,7 +172,7 @@ class ModelVersions:
                 for v in versions]
 
     def _changed_since_failure(self, version, path):
-        return _mtime(path) != self._failed_mtime.get(version)
+        return _snapshot(path) != self._failed_snapshot.get(version)
 
     def _load(self, version, path):
         with self._load_lock:
@@ -184,18 +184,25 @@ class ModelVersions:
                 if version not in self._failed:
                     logger.warning("could not load %s version %d: %s", self.name, version, e)
                 self._failed[version] = f"{type(e).__name__}: {e}"
-                self._failed_mtime[version] = _mtime(path)
+                self._failed_snapshot[version] = _snapshot(path)
                 return None
             self._failed.pop(version, None)
             self._loaded[version] = loaded
             return loaded
 
 
-def _mtime(path):
-    try:
-        return os.stat(os.path.join(path, "saved_model.pb")).st_mtime_ns
-    except OSError:
-        return None
+def _snapshot(path):
+    """Names, sizes and times of a version's files: a failed load is retried once they
+    change (an exporter may still have been writing)."""
+    found = []
+    for directory, _, names in os.walk(path):
+        for name in names:
+            try:
+                stat = os.stat(os.path.join(directory, name))
+            except OSError:
+                continue
+            found.append((os.path.join(directory, name), stat.st_size, stat.st_mtime_ns))
+    return sorted(found)
 
 
 def _version_status(version, error):

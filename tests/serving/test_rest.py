@@ -219,7 +219,7 @@ def test_errors_have_tf_serving_shape_and_server_keeps_serving(server, path, bod
     assert call(server, "/v1/models/tiny:predict", {"instances": ["ok"]})[0] == 200
 
 
-def test_broken_version_reports_end_state(server):
+def test_broken_version_reports_end_state_and_is_retried_when_rewritten(server, export_base):
     os.makedirs(os.path.join(server.versions.export_base, "5"))
     with open(os.path.join(server.versions.export_base, "5", "saved_model.pb"), "wb") as f:
         f.write(b"not a protobuf")
@@ -230,6 +230,15 @@ def test_broken_version_reports_end_state(server):
         "5", "END", "UNKNOWN")
     assert call(server, "/v1/models/tiny/versions/5:predict", {"instances": ["a"]})[0] == 404
     assert call(server, "/v1/models/tiny/metadata")[1]["model_spec"]["version"] == "2"
+    # Once the files change (the exporter finished), the version is tried again.
+    shutil.rmtree(os.path.join(server.versions.export_base, "5"))
+    shutil.copytree(os.path.join(export_base, "1"), os.path.join(server.versions.export_base, "5"))
+    deadline = time.time() + 30
+    while time.time() < deadline and call(server, "/v1/models/tiny/metadata")[1][
+            "model_spec"]["version"] != "5":
+        time.sleep(0.05)
+    assert call(server, "/v1/models/tiny/versions/5")[1]["model_version_status"][0][
+        "state"] == "AVAILABLE"
 
 
 def test_concurrent_requests_all_correct(server):
