@@ -128,8 +128,6 @@ class ModelVersions:
         if not versions:
             return
         newest = max(versions)
-        if newest in self._failed and not self._changed_since_failure(newest, versions[newest]):
-            return
         if self.latest is None or newest > self.latest.version:
             loaded = self._load(newest, versions[newest])
             if loaded is not None:
@@ -171,19 +169,19 @@ class ModelVersions:
         return [_version_status(v, self._failed.get(v) if v not in self._loaded else None)
                 for v in versions]
 
-    def _changed_since_failure(self, version, path):
-        return _snapshot(path) != self._failed_snapshot.get(version)
-
     def _load(self, version, path):
+        """The loaded version, or None if it fails (not retried until its files change)."""
         with self._load_lock:
             if version in self._loaded:
                 return self._loaded[version]
+            if version in self._failed and _snapshot(path) == self._failed_snapshot[version]:
+                return None
             try:
                 loaded = LoadedVersion(version, path)
             except Exception as e:  # a broken export must not take the server down
                 if version not in self._failed:
                     logger.warning("could not load %s version %d: %s", self.name, version, e)
-                self._failed[version] = f"{type(e).__name__}: {e}"
+                self._failed[version] = f"{type(e).__name__}: {str(e).strip()[:500]}"
                 self._failed_snapshot[version] = _snapshot(path)
                 return None
             self._failed.pop(version, None)
