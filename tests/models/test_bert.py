@@ -1,0 +1,142 @@
+"""BERT / RoBERTa backbone and masked-LM task: shapes, masks, ties, saving, tokenizer check."""
+import doctest
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+from keras_llm.config import ModelConfig
+from keras_llm.errors import ArtifactError
+from keras_llm.models import bert as bert_module
+from keras_llm.models.bert import BertBackbone, BertMaskedLM
+
+VOCABULARY, BATCH, LENGTH, PREDICTIONS = 50, 2, 8, 3
+SPECIALS = dict(pad=0, unk=1, cls=2, sep=3, mask=4, eos=5)
+
+
+def make_backbone(seed=0, **overrides):
+    keras.utils.set_random_seed(seed)
+    arguments = dict(vocabulary_size=VOCABULARY, num_layers=2, num_heads=2, hidden_size=16,
+                     intermediate_size=32, max_length=LENGTH, dropout=0.0,
+                     special_token_ids=SPECIALS)
+    arguments.update(overrides)
+    return BertBackbone(**arguments)
+
+
+def inputs(seed=1):
+    rng = np.random.default_rng(seed)
+    return {
+        "token_ids": rng.integers(6, VOCABULARY, (BATCH, LENGTH)).astype("int32"),
+        "segment_ids": np.array([[0] * 4 + [1] * 4] * BATCH, "int32"),
+        "padding_mask": np.array([[True] * LENGTH, [True] * 6 + [False] * 2]),
+        "mask_positions": np.array([[1, 2, 5], [3, 0, 0]], "int32"),
+    }
+
+
+class FakeTokenizer:
+    def __init__(self, size=VOCABULARY, specials=SPECIALS):
+        self.size, self.specials = size, specials
+
+    def vocabulary_size(self):
+        return self.size
+
+    def special_token_ids(self):
+        return dict(self.specials)
+
+
+def test_backbone_shapes_and_pooled_output_is_tanh_of_cls():
+    backbone = make_backbone()
+    outputs = backbone(inputs())
+    assert ops.shape(outputs["sequence_output"]) == (BATCH, LENGTH, 16)
+    cls = ops.convert_to_numpy(outputs["sequence_output"])[:, 0]
+    expected = np.tanh(cls @ ops.convert_to_numpy(backbone.pooler.kernel)
+                       + ops.convert_to_numpy(backbone.pooler.bias))
+    np.testing.assert_allclose(ops.convert_to_numpy(outputs["pooled_output"]), expected,
+                               atol=1e-5)
+
+
+def test_padding_positions_do_not_change_real_outputs():
+    backbone = make_backbone()
+    x = inputs()
+    changed = {k: v.copy() for k, v in x.items()}
+    changed["token_ids"][1, 6:] = 7
+    a = ops.convert_to_numpy(backbone(x)["sequence_output"])[1, :6]
+    b = ops.convert_to_numpy(backbone(changed)["sequence_output"])[1, :6]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_segment_ids_matter_for_bert_and_not_for_roberta():
+    x = inputs()
+    other = dict(x, segment_ids=np.zeros_like(x["segment_ids"]))
+    bert = make_backbone()
+    assert not np.allclose(bert(x)["sequence_output"], bert(other)["sequence_output"])
+    roberta = make_backbone(num_segments=0)
+    assert roberta.segment_embedding is None
+    np.testing.assert_allclose(roberta(x)["sequence_output"], roberta(other)["sequence_output"])
+
+
+def test_masked_lm_logits_are_tied_to_the_token_embedding():
+    model = BertMaskedLM(make_backbone())
+    x = inputs()
+    logits = ops.convert_to_numpy(model(x))
+    assert logits.shape == (BATCH, PREDICTIONS, VOCABULARY)
+    head = model.masked_lm_head
+    sequence = ops.convert_to_numpy(model.backbone(x)["sequence_output"])
+    gathered = np.take_along_axis(sequence, x["mask_positions"][..., None], axis=1)
+    hidden = head.norm(keras.activations.gelu(head.transform(gathered), approximate=False))
+    embeddings = ops.convert_to_numpy(model.backbone.token_embedding.embeddings)
+    expected = ops.convert_to_numpy(hidden) @ embeddings.T + ops.convert_to_numpy(head.output_bias)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_next_sentence_head_and_training_lower_the_loss():
+    model = BertMaskedLM(make_backbone(), next_sentence_prediction=True)
+    x = inputs()
+    outputs = model(x)
+    assert ops.shape(outputs["nsp"]) == (BATCH, 2)
+    y = {"mlm": np.array([[7, 8, 9], [10, 0, 0]], "int32"), "nsp": np.array([0, 1], "int32")}
+    w = {"mlm": np.array([[1, 1, 1], [1, 0, 0]], "float32"), "nsp": np.ones(2, "float32")}
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      reduction="mean_with_sample_weight")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss={"mlm": loss, "nsp": loss})
+    data = tf.data.Dataset.from_tensors((x, y, w)).repeat(30)
+    history = model.fit(data, epochs=2, verbose=0).history
+    assert history["loss"][-1] < 0.5 * history["loss"][0]
+
+
+@pytest.mark.parametrize("next_sentence_prediction", [False, True])
+def test_keras_round_trip(tmp_path, next_sentence_prediction):
+    model = BertMaskedLM(make_backbone(embedding_size=8),
+                         next_sentence_prediction=next_sentence_prediction)
+    x = inputs()
+    expected = keras.tree.map_structure(ops.convert_to_numpy, model(x))
+    model.save(tmp_path / "bert.keras")
+    restored = keras.saving.load_model(tmp_path / "bert.keras")
+    actual = keras.tree.map_structure(ops.convert_to_numpy, restored(x))
+    keras.tree.map_structure(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                             actual, expected)
+    assert restored.backbone.special_token_ids == SPECIALS
+    assert restored.backbone.embedding_size == 8
+
+
+def test_from_model_config_roberta_has_no_segments():
+    config = ModelConfig(family="roberta", vocab_size=100, hidden_size=16, num_heads=2,
+                         intermediate_size=32, num_layers=1, max_length=8)
+    backbone = BertBackbone.from_model_config(config, vocabulary_size=60)
+    assert backbone.num_segments == 0 and backbone.vocabulary_size == 60
+    assert BertBackbone.from_model_config(ModelConfig(family="bert")).num_segments == 2
+
+
+def test_a_mismatched_tokenizer_is_refused():
+    model = BertMaskedLM(make_backbone())
+    model.check_tokenizer(FakeTokenizer())
+    with pytest.raises(ArtifactError, match="vocabulary of 50 tokens but the tokenizer has 60"):
+        model.check_tokenizer(FakeTokenizer(size=60))
+    with pytest.raises(ArtifactError, match="disagree on special tokens \\(mask 4 vs 9\\)"):
+        model.check_tokenizer(FakeTokenizer(specials=dict(SPECIALS, mask=9)))
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(bert_module).failed == 0
