@@ -89,11 +89,12 @@ def pretrain(config_name, data, text_field, tokenizer_path, output_dir, steps, e
     output_dir = output_dir or os.path.join("runs", config.name)
     metrics = run_pretrain(config, output_dir, tokenizer_path=tokenizer_path,
                            overwrite=overwrite, command=sys.argv)
-    click.echo(
-        f"validation perplexity {metrics['val_perplexity']:.2f} "
-        f"(unigram baseline {metrics['unigram_val_perplexity']:.2f}) after "
-        f"{metrics['steps']} steps in {metrics['train_seconds']:.0f}s "
-        f"({metrics['train_tokens_per_second']:.0f} tokens/s)")
+    if "unigram_val_perplexity" in metrics:
+        click.echo(f"validation perplexity {metrics['val_perplexity']:.2f} "
+                   f"(unigram baseline {metrics['unigram_val_perplexity']:.2f})")
+    click.echo(f"validation loss {metrics['val_loss']:.4f} after {metrics['steps']} steps in "
+               f"{metrics['train_seconds']:.0f}s ({metrics['train_tokens_per_second']:.0f} "
+               f"tokens/s)")
     click.echo(f"model artifact: {output_dir}")
 
 

@@ -29,6 +29,7 @@ setup(
         "keras==3.15.*",
         "keras-hub==0.32.*",
         "tensorflow-text==2.21.*",
+        "tensorboard==2.21.*",
         "tensorflow-datasets==4.9.*",
         "keras-tuner==1.4.*",
         "click==8.*",

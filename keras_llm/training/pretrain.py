@@ -1,22 +1,20 @@
-"""Causal-LM pretraining: data -> tokenizer -> tf.data -> GPT -> fit -> model artifact."""
+"""Pretraining: data -> tokenizer -> objective (model, loss, tf.data) -> fit -> model artifact.
+
+The steps are the same for every model family; what differs (model, batches, loss, metrics)
+comes from the objective named by `config.task` (see `keras_llm.training.objectives`).
+"""
 import logging
 import math
 import os
 import time
 
 import keras
+import tensorflow as tf
 
 from keras_llm import artifacts
-from keras_llm.data import (
-    causal_lm_dataset,
-    load_tokenizer,
-    open_source,
-    split_documents,
-    train_tokenizer,
-    unigram_baseline,
-)
+from keras_llm.data import load_tokenizer, open_source, split_documents, train_tokenizer
 from keras_llm.errors import ArtifactError, ConfigError
-from keras_llm.models import GPTBackbone, GPTCausalLM
+from keras_llm.training.objectives import get_objective
 from keras_llm.training.optim import make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -58,28 +56,23 @@ def check_output_dir(output_dir, overwrite):
 def prepare_data(config, tokenizer_path=None):
     """Opens the source, splits it, and trains (or loads) the tokenizer on the train split."""
     source = open_source(config.data.source, text_field=config.data.text_field)
-    train_docs, val_docs = split_documents(
+    train_documents, validation_documents = split_documents(
         source.dataset(), config.data.validation_fraction, seed=config.train.seed)
+    tokenizer_path = tokenizer_path or config.data.tokenizer_path
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path)
     else:
         started = time.time()
-        texts = (t.decode("utf-8") for t in train_docs.as_numpy_iterator())
+        texts = [t.decode("utf-8") for t in train_documents.as_numpy_iterator()]
         tokenizer = train_tokenizer(config.data.tokenizer, texts, config.model.vocab_size,
                                     lowercase=config.data.lowercase)
-        logger.info("trained a %s tokenizer, %d tokens, in %.1fs", config.data.tokenizer,
+        logger.info("trained a %s tokenizer with %d tokens in %.1fs", config.data.tokenizer,
                     tokenizer.vocabulary_size(), time.time() - started)
-    if tokenizer.vocabulary_size() > config.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {tokenizer.vocabulary_size()} tokens but model.vocab_size is "
-            f"{config.model.vocab_size}")
-    return source, train_docs, val_docs, tokenizer
+    return source, train_documents, validation_documents, tokenizer
 
 
-def build_model(config, vocabulary_size):
-    model = GPTCausalLM(GPTBackbone.from_model_config(config.model, vocabulary_size))
-    model.build((None, config.data.seq_len))
-    return model
+def count_batches(dataset):
+    return int(dataset.reduce(0, lambda count, _: count + 1))
 
 
 def steps_and_intervals(config, steps_per_data_epoch):
@@ -93,36 +86,35 @@ def steps_and_intervals(config, steps_per_data_epoch):
 
 def pretrain(config, output_dir, tokenizer_path=None, overwrite=False, command=None,
              verbose=1):
-    """Trains a GPT on `config.data.source` and writes a model artifact to `output_dir`.
+    """Trains `config`'s model on `config.data.source`; writes a model artifact to `output_dir`.
 
     Returns the metrics dict written to `metrics.json`.
     """
     check_output_dir(output_dir, overwrite)
     keras.utils.set_random_seed(config.train.seed)
-    source, train_docs, val_docs, tokenizer = prepare_data(config, tokenizer_path)
-    seq_len, batch_size = config.data.seq_len, config.train.batch_size
-    dataset_options = dict(tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size,
-                           seed=config.train.seed, shuffle_buffer=config.data.shuffle_buffer)
-    train_once = causal_lm_dataset(train_docs, shuffle=False, repeat=False, **dataset_options)
-    steps_per_data_epoch = sum(1 for _ in train_once)
-    val_ds = causal_lm_dataset(val_docs, shuffle=False, repeat=False, **dataset_options)
-    validation_batches = sum(1 for _ in val_ds)
+    objective = get_objective(config)
+    source, train_documents, validation_documents, tokenizer = prepare_data(
+        config, tokenizer_path)
+    objective.check_tokenizer(tokenizer)
+    steps_per_data_epoch = count_batches(objective.dataset(train_documents, tokenizer, False))
+    validation_ds = objective.dataset(validation_documents, tokenizer, False).cache()
+    validation_batches = count_batches(validation_ds)
     if steps_per_data_epoch == 0 or validation_batches == 0:
         raise ConfigError(
-            f"corpus too small for batch_size={batch_size} x seq_len={seq_len}: "
-            f"{steps_per_data_epoch} training and {validation_batches} validation batches; "
-            f"lower --batch-size/--seq-len or add data")
-    train_ds = causal_lm_dataset(train_docs, shuffle=True, repeat=True, **dataset_options)
+            f"corpus too small for train.batch_size={config.train.batch_size} x "
+            f"data.seq_len={config.data.seq_len}: {steps_per_data_epoch} training and "
+            f"{validation_batches} validation batches; lower --batch-size/--seq-len or add data")
+    # A known cardinality keeps Keras from treating the end of validation data as a fault.
+    validation_ds = validation_ds.apply(tf.data.experimental.assert_cardinality(
+        validation_batches))
+    train_ds = objective.dataset(train_documents, tokenizer, True)
     steps, interval = steps_and_intervals(config, steps_per_data_epoch)
 
-    model = build_model(config, tokenizer.vocabulary_size())
-    model.compile(
-        optimizer=make_optimizer(config.train, total_steps=steps),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
-    logger.info("model: %s parameters; %d steps of %d x %d tokens; %d train batches per pass",
-                f"{model.count_params():,}", steps, batch_size, seq_len, steps_per_data_epoch)
+    model = objective.build_model(tokenizer)
+    objective.compile(model, make_optimizer(config.train, total_steps=steps))
+    logger.info("%s: %s parameters; %d steps of %d sequences of %d tokens (%.1f passes over "
+                "the training data)", config.name, f"{model.count_params():,}", steps,
+                config.train.batch_size, config.data.seq_len, steps / steps_per_data_epoch)
     callbacks = [
         StopAtStep(steps),
         PerplexityLogger(),
@@ -131,27 +123,26 @@ def pretrain(config, output_dir, tokenizer_path=None, overwrite=False, command=N
     started = time.time()
     history = model.fit(
         train_ds, epochs=math.ceil(steps / interval), steps_per_epoch=interval,
-        validation_data=val_ds.take(min(config.train.eval_steps, validation_batches)),
+        validation_data=validation_ds.take(min(config.train.eval_steps, validation_batches)),
         callbacks=callbacks, verbose=verbose)
     train_seconds = time.time() - started
 
-    final = model.evaluate(val_ds, verbose=0, return_dict=True)
-    baseline = unigram_baseline(train_docs, val_docs, tokenizer, seq_len)
+    final = model.evaluate(validation_ds, verbose=0, return_dict=True)
+    trained_steps = int(model.optimizer.iterations)
     metrics = {
-        "steps": int(model.optimizer.iterations),
+        "steps": trained_steps,
         "train_loss": float(history.history["loss"][-1]),
         "val_loss": float(final["loss"]),
-        "val_perplexity": math.exp(final["loss"]),
-        "val_accuracy": float(final["accuracy"]),
-        "unigram_val_perplexity": float(baseline["perplexity"]),
+        **objective.final_metrics(final, train_documents, validation_documents, tokenizer),
         "train_seconds": round(train_seconds, 1),
         "train_tokens_per_second": round(
-            int(model.optimizer.iterations) * batch_size * seq_len / train_seconds, 1),
+            trained_steps * config.train.batch_size * config.data.seq_len / train_seconds, 1),
         "parameters": int(model.count_params()),
         "vocabulary_size": tokenizer.vocabulary_size(),
     }
     data_record = {**source.describe(), "fingerprint": source.fingerprint()}
-    metadata = artifacts.make_metadata(ARTIFACT_TYPE, config, data=data_record,
-                                       command=command, extra={"family": config.model.family})
+    metadata = artifacts.make_metadata(
+        ARTIFACT_TYPE, config, data=data_record, command=command,
+        extra={"family": config.model.family, "task": config.task})
     artifacts.save_model_artifact(output_dir, model, tokenizer, config, metrics, metadata)
     return metrics
