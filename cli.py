@@ -143,5 +143,44 @@ def list_configs():
                    f"hidden={model.get('hidden_size')} heads={model.get('num_heads')}")
 
 
+@main.group()
+def tokenizer():
+    """Train or inspect subword tokenizers."""
+
+
+@tokenizer.command("train")
+@click.option("--kind", type=click.Choice(["bpe", "wordpiece", "sentencepiece"]),
+              default="bpe", help="bpe for GPT, wordpiece for BERT-family, sentencepiece "
+                                  "for seq2seq.")
+@click.option("--data", default="builtin", help="builtin, tfds:NAME[:SPLIT], or files/globs.")
+@click.option("--text-field", default="text", help="JSONL field / CSV column with the text.")
+@click.option("--vocab-size", type=click.IntRange(min=16), default=8192,
+              help="Largest vocabulary to learn.")
+@click.option("--lowercase", is_flag=True, help="Lowercase text first.")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Directory to write (load later with --tokenizer DIR).")
+@handle_errors
+def train_tokenizer_command(kind, data, text_field, vocab_size, lowercase, output):
+    """Train a tokenizer on --data and save it to --output."""
+    from keras_llm.data import open_source, train_tokenizer
+
+    source = open_source(data, text_field=text_field)
+    trained = train_tokenizer(kind, source.texts(), vocab_size, lowercase=lowercase)
+    trained.save(output)
+    sample = source.texts()[0][:60]
+    click.echo(f"{kind} tokenizer with {trained.vocabulary_size()} tokens written to {output}")
+    click.echo(f"{sample!r} -> {trained.encode([sample])[0][:16]}")
+
+
+def _attach_subcommands():
+    from keras_llm.pipeline.cli import pipeline
+    from keras_llm.serving.cli import serve_command
+
+    main.add_command(pipeline)
+    main.add_command(serve_command)
+
+
+_attach_subcommands()
+
 if __name__ == "__main__":
     main()

@@ -127,3 +127,21 @@ def test_default_pretrain_runs_on_the_builtin_corpus(tmp_path, monkeypatch):
     metadata = json.load(open(tmp_path / "runs" / "gpt-tiny" / "metadata.json"))
     assert metadata["data"]["kind"] == "builtin"
     assert metadata["config"]["name"] == "gpt-tiny"
+
+
+def test_tokenizer_train_writes_a_loadable_tokenizer(tmp_path, corpus):
+    out = str(tmp_path / "wp")
+    result = run("tokenizer", "train", "--kind", "wordpiece", "--data", corpus,
+                 "--vocab-size", "200", "--output", out)
+    assert result.exit_code == 0, result.output
+    from keras_llm.data import load_tokenizer
+
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.kind == "wordpiece" and tokenizer.vocabulary_size() <= 200
+    assert f"written to {out}" in result.output
+
+
+def test_serve_and_pipeline_commands_are_attached():
+    for command in ("serve", "pipeline", "tokenizer"):
+        result = run(command, "--help")
+        assert result.exit_code == 0, command
