@@ -125,3 +125,17 @@ def test_module_docstrings_uses_ast_without_importing():
     assert corpus.module_docstrings("pkg.mod", source) == [
         ("pkg.mod", "", "Module doc here."), ("pkg.mod", "A", "Class doc."),
         ("pkg.mod", "A.f", "Method doc.")]
+
+
+def test_tfds_source_reads_text_feature_without_download():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):  # generated records, no network
+        source = open_source("tfds:imdb_reviews:train")
+        assert len(source.texts()) == 12
+        assert source.describe()["split"] == "train"
+        assert source.fingerprint() == "tfds:imdb_reviews:train:1.0.0"
+        with pytest.raises(DataError, match="no feature 'body' \\(found: label, text\\)"):
+            open_source("tfds:imdb_reviews", text_field="body")
+    with pytest.raises(DataError, match="no_such_dataset_xyz not found"):
+        open_source("tfds:no_such_dataset_xyz")
