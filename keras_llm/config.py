@@ -120,10 +120,24 @@ class TrainConfig:
     eval_steps: int = 20
     seed: int = 1337
     rtd_weight: float = 50.0  # ELECTRA: loss = MLM + rtd_weight * replaced-token detection
+    # Scale and fault tolerance (keras_llm/training/{distribute,loop,checkpoint}.py).
+    strategy: str = "auto"
+    scale_lr: bool = False
+    mixed_precision: bool = False
+    xla: bool = False
+    grad_accum_steps: int = 1
+    steps_per_execution: int = 1
+    checkpoint_every: typing.Optional[int] = None
+    keep_checkpoints: int = 3
 
     def validate(self, where):
-        for key in ("batch_size", "steps", "learning_rate", "eval_every", "eval_steps"):
+        for key in ("batch_size", "steps", "learning_rate", "eval_every", "eval_steps",
+                    "grad_accum_steps", "steps_per_execution", "keep_checkpoints"):
             _check_positive(where, f"train.{key}", getattr(self, key))
+        if self.checkpoint_every is not None:
+            _check_positive(where, "train.checkpoint_every", self.checkpoint_every)
+        _check_choice(where, "train.strategy", self.strategy,
+                      ("auto", "default", "mirrored", "multi-worker", "tpu"))
         if self.epochs is not None:
             _check_positive(where, "train.epochs", self.epochs)
         _check_positive(where, "train.rtd_weight", self.rtd_weight)
