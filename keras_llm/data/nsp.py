@@ -56,15 +56,18 @@ def assemble_pair(first, second, special_token_ids, seq_len):
     }
 
 
-def next_sentence_dataset(documents, special_token_ids, seq_len, seed=0, shuffle_buffer=1024):
+def next_sentence_dataset(documents, special_token_ids, seq_len, seed=0, shuffle_buffer=1024,
+                          redraw_each_pass=True):
     """Sentence-pair examples with `next_sentence_label`, balanced between the two labels.
 
     Args:
         documents: dataset of 1-D token-id tensors, one per document (no specials added).
         special_token_ids: dict with at least `cls`, `sep` and `pad`.
         seq_len: length of every example.
-        seed: seed of the pairing; pairs are redrawn every pass over the data.
+        seed: seed of the pairing.
         shuffle_buffer: segments the random (not-next) segment is drawn from.
+        redraw_each_pass: new pairs every pass over the data (training) or the same pairs
+            every pass (evaluation).
     """
     segment_length = (seq_len - 3) // 2
     if segment_length < 1:
@@ -84,8 +87,9 @@ def next_sentence_dataset(documents, special_token_ids, seq_len, seed=0, shuffle
 
     pairs = segmented.flat_map(consecutive_pairs)
     random_segments = (segmented.flat_map(single_segments).repeat()
-                       .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True))
-    coins = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+                       .shuffle(shuffle_buffer, seed=seed,
+                                reshuffle_each_iteration=redraw_each_pass))
+    coins = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=redraw_each_pass)
     examples = tf.data.Dataset.zip(pairs, random_segments, coins)
 
     def keep(pair, random_segment, coin):

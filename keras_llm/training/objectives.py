@@ -12,6 +12,10 @@ from keras_llm.errors import ConfigError
 
 OBJECTIVES = {
     "causal_lm": "keras_llm.training.objectives:CausalLMObjective",
+    "mlm": "keras_llm.training.encoder_objectives:MaskedLMObjective",
+    "mlm_nsp": "keras_llm.training.encoder_objectives:MaskedLMNextSentenceObjective",
+    "electra": "keras_llm.training.encoder_objectives:ElectraObjective",
+    "seq2seq_denoising": "keras_llm.training.encoder_objectives:DenoisingObjective",
 }
 
 

@@ -69,3 +69,17 @@ def test_too_short_sequence_is_refused():
     ds = tf.data.Dataset.from_tensor_slices(tf.ragged.constant([[7, 8, 9]]))
     with pytest.raises(ValueError, match="seq_len must be at least 5"):
         next_sentence_dataset(ds, SPECIALS, 4)
+
+
+def test_pairs_are_redrawn_each_pass_only_when_asked():
+    documents = tf.data.Dataset.from_tensor_slices(tf.ragged.constant(
+        [[1000 * d + p for p in range(60)] for d in range(1, 30)]))
+
+    def two_passes(redraw):
+        ds = next_sentence_dataset(documents, SPECIALS, SEQ_LEN, seed=2, redraw_each_pass=redraw)
+        return [[e["token_ids"].tolist() for e in ds.as_numpy_iterator()] for _ in range(2)]
+
+    first, second = two_passes(True)
+    assert first != second
+    first, second = two_passes(False)
+    assert first == second

@@ -1,0 +1,259 @@
+"""Encoder and encoder-decoder pretraining objectives: MLM, MLM + NSP, ELECTRA, denoising.
+
+Each turns documents into batches with `keras_llm.data.{masking,nsp,denoising}`, builds the
+model of its family and compiles it with the paper's loss and metrics. Metrics carry the
+objective's prefix (`mlm_accuracy`, `mlm_perplexity`, `nsp_accuracy`, `rtd_accuracy`,
+`token_accuracy`, `token_perplexity`), so console, TensorBoard and `metrics.json` read alike.
+
+Validation data is always masked statically (content-seeded), so every evaluation scores
+the same inputs; training data follows `data.masking`.
+"""
+import math
+
+import keras
+import keras_hub
+import tensorflow as tf
+
+from keras_llm.data import as_dataset, pack_tokens, token_chunks
+from keras_llm.data.denoising import denoising_dataset
+from keras_llm.data.masking import continuation_id_table, masked_lm_dataset, wrap_blocks
+from keras_llm.data.nsp import next_sentence_dataset
+from keras_llm.errors import ConfigError
+from keras_llm.training.objectives import Objective
+
+AUTOTUNE = tf.data.AUTOTUNE
+TOKENIZE_BATCH = 64
+
+
+def masked_lm_loss():
+    """Cross-entropy averaged over the real predictions (weights), not over padded slots."""
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      reduction="mean_with_sample_weight")
+
+
+def masked_lm_metrics(prefix):
+    return [keras.metrics.SparseCategoricalAccuracy(name=f"{prefix}accuracy"),
+            keras_hub.metrics.Perplexity(from_logits=True, name=f"{prefix}perplexity")]
+
+
+class _EncoderObjective(Objective):
+    """Shared plumbing: shuffling and repetition, batching, dummy-batch model building."""
+
+    def check_tokenizer(self, tokenizer):
+        super().check_tokenizer(tokenizer)
+        if self.config.data.whole_word_masking and tokenizer.kind != "wordpiece":
+            raise ConfigError(f"data.whole_word_masking needs a wordpiece tokenizer (its '##' "
+                              f"pieces mark words); got {tokenizer.kind}")
+
+    def documents(self, documents, training, shuffle_documents=True):
+        documents = as_dataset(documents)
+        if training and shuffle_documents:
+            documents = documents.shuffle(self.config.data.shuffle_buffer,
+                                          seed=self.config.train.seed,
+                                          reshuffle_each_iteration=True)
+        return documents
+
+    def finish(self, examples, training, repeat=False):
+        if training:
+            if repeat:
+                examples = examples.repeat()
+            examples = examples.shuffle(max(1, self.config.data.shuffle_buffer // 4),
+                                        seed=self.config.train.seed + 1)
+        return examples.batch(self.config.train.batch_size, drop_remainder=True).prefetch(
+            AUTOTUNE)
+
+    def build_on(self, model, dataset):
+        """Builds `model` by calling it on one batch of inputs from `dataset`'s spec."""
+        spec = dataset.element_spec[0]
+        dummy = {key: tf.zeros([1, *value.shape[1:]], value.dtype) for key, value in spec.items()}
+        model(dummy)
+        return model
+
+
+class MaskedLMObjective(_EncoderObjective):
+    """Masked LM on packed `[cls] ... [sep]` blocks (BERT without NSP, RoBERTa).
+
+    Documents are packed with `[sep]` between them into full-length blocks, as RoBERTa's
+    FULL-SENTENCES input. Static masking keeps the blocks fixed (documents unshuffled) so a
+    block meets the same masks every pass; dynamic masking reshuffles documents every pass.
+    """
+
+    name = "mlm"
+
+    @property
+    def static(self):
+        return self.config.data.masking == "static"
+
+    def sequences(self, documents, tokenizer, training):
+        specials = tokenizer.special_token_ids()
+        documents = self.documents(documents, training, shuffle_documents=not self.static)
+        if training and not self.static:
+            documents = documents.repeat()
+        blocks = pack_tokens(token_chunks(documents, tokenizer, specials["sep"]),
+                             self.config.data.seq_len - 2)
+        return wrap_blocks(blocks, specials, self.config.data.seq_len)
+
+    def mask(self, sequences, tokenizer, training):
+        data = self.config.data
+        continuation = (continuation_id_table(tokenizer.vocabulary())
+                        if data.whole_word_masking else None)
+        return masked_lm_dataset(
+            sequences, tokenizer.special_token_ids(), tokenizer.vocabulary_size(),
+            masking=data.masking if training else "static", mask_rate=data.mask_rate,
+            seed=self.config.train.seed, continuation_ids=continuation)
+
+    def dataset(self, documents, tokenizer, training):
+        examples = self.mask(self.sequences(documents, tokenizer, training), tokenizer, training)
+        return self.finish(examples, training, repeat=training and self.static)
+
+    def backbone(self, tokenizer, **overrides):
+        from keras_llm.models import BertBackbone
+
+        return BertBackbone.from_model_config(self.config.model, tokenizer.vocabulary_size(),
+                                              tokenizer.special_token_ids(), **overrides)
+
+    def build_model(self, tokenizer):
+        from keras_llm.models import BertMaskedLM
+
+        model = BertMaskedLM(self.backbone(tokenizer))
+        return self.build_on(model, self._spec_dataset(tokenizer))
+
+    def _spec_dataset(self, tokenizer):
+        """A dataset with this objective's element spec (for building, never iterated)."""
+        seq_len = self.config.data.seq_len
+        specials = tokenizer.special_token_ids()
+        blocks = tf.data.Dataset.from_tensors(tf.zeros([seq_len - 2], tf.int32) + 6)
+        examples = self.mask(wrap_blocks(blocks, specials, seq_len), tokenizer, False)
+        return examples.batch(1)
+
+    def compile(self, model, optimizer):
+        model.compile(optimizer=optimizer, loss=masked_lm_loss(),
+                      weighted_metrics=masked_lm_metrics("mlm_"))
+
+    def final_metrics(self, eval_logs, train_documents, validation_documents, tokenizer):
+        return {"val_mlm_accuracy": float(eval_logs["mlm_accuracy"]),
+                "val_mlm_perplexity": math.exp(min(float(eval_logs["loss"]), 50.0))}
+
+
+class MaskedLMNextSentenceObjective(MaskedLMObjective):
+    """BERT's pretraining: masked LM on sentence pairs plus next-sentence prediction."""
+
+    name = "mlm_nsp"
+
+    def sequences(self, documents, tokenizer, training):
+        documents = self.documents(documents, training, shuffle_documents=True)
+        if training:
+            documents = documents.repeat()
+        token_ids = (documents.batch(TOKENIZE_BATCH)
+                     .map(lambda texts: tf.cast(tokenizer.tokenize(texts), tf.int32),
+                          num_parallel_calls=AUTOTUNE)
+                     .unbatch())
+        return next_sentence_dataset(token_ids, tokenizer.special_token_ids(),
+                                     self.config.data.seq_len, seed=self.config.train.seed,
+                                     shuffle_buffer=self.config.data.shuffle_buffer,
+                                     redraw_each_pass=training)
+
+    def mask(self, sequences, tokenizer, training):
+        def split_targets(features, mask_ids, mask_weights):
+            features = dict(features)
+            label = features.pop("next_sentence_label")
+            return (features, {"mlm": mask_ids, "nsp": label},
+                    {"mlm": mask_weights, "nsp": tf.ones([], tf.float32)})
+
+        return super().mask(sequences, tokenizer, training).map(split_targets)
+
+    def dataset(self, documents, tokenizer, training):
+        examples = self.mask(self.sequences(documents, tokenizer, training), tokenizer, training)
+        return self.finish(examples, training)
+
+    def build_model(self, tokenizer):
+        from keras_llm.models import BertMaskedLM
+
+        model = BertMaskedLM(self.backbone(tokenizer), next_sentence_prediction=True)
+        return self.build_on(model, self._spec_dataset(tokenizer))
+
+    def _spec_dataset(self, tokenizer):
+        pair = tf.data.Dataset.from_tensors(tf.range(6, 6 + self.config.data.seq_len))
+        sequences = next_sentence_dataset(pair, tokenizer.special_token_ids(),
+                                          self.config.data.seq_len)
+        return self.mask(sequences, tokenizer, False).batch(1)
+
+    def compile(self, model, optimizer):
+        model.compile(
+            optimizer=optimizer,
+            loss={"mlm": masked_lm_loss(),
+                  "nsp": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+            weighted_metrics={"mlm": masked_lm_metrics(""),
+                              "nsp": [keras.metrics.SparseCategoricalAccuracy(
+                                  name="accuracy")]})
+
+    def final_metrics(self, eval_logs, train_documents, validation_documents, tokenizer):
+        return {"val_mlm_accuracy": float(eval_logs["mlm_accuracy"]),
+                "val_mlm_perplexity": math.exp(min(float(eval_logs["mlm_loss"]), 50.0)),
+                "val_nsp_accuracy": float(eval_logs["nsp_accuracy"])}
+
+
+class ElectraObjective(MaskedLMObjective):
+    """ELECTRA: generator MLM + `train.rtd_weight` x replaced-token detection."""
+
+    name = "electra"
+
+    def build_model(self, tokenizer):
+        from keras_llm.models import ElectraPretrainer
+        from keras_llm.models.electra import generator_for
+
+        discriminator = self.backbone(tokenizer)
+        generator_size = (self.config.model.generator_hidden_size
+                          or max(1, self.config.model.hidden_size // 4))
+        model = ElectraPretrainer(discriminator, generator_for(discriminator, generator_size),
+                                  rtd_weight=self.config.train.rtd_weight,
+                                  seed=self.config.train.seed)
+        return self.build_on(model, self._spec_dataset(tokenizer))
+
+    def compile(self, model, optimizer):
+        model.compile(optimizer=optimizer)  # the loss and metrics live in the model
+
+    def final_metrics(self, eval_logs, train_documents, validation_documents, tokenizer):
+        return {key if key.startswith("val_") else f"val_{key}": float(value)
+                for key, value in eval_logs.items()
+                if key in ("mlm_loss", "mlm_accuracy", "mlm_perplexity", "rtd_loss",
+                           "rtd_accuracy")}
+
+
+class DenoisingObjective(_EncoderObjective):
+    """Encoder-decoder pretraining by BART text infilling (see `keras_llm.data.denoising`)."""
+
+    name = "seq2seq_denoising"
+
+    def dataset(self, documents, tokenizer, training):
+        documents = self.documents(documents, training)
+        if training:
+            documents = documents.repeat()
+        specials = tokenizer.special_token_ids()
+        blocks = pack_tokens(token_chunks(documents, tokenizer, specials["eos"]),
+                             self.config.data.seq_len - 1)
+        data = self.config.data
+        # Validation noise is seeded per pass too, but the pass is cached by the trainer.
+        examples = denoising_dataset(blocks, specials, data.seq_len, data.noise_density,
+                                     data.mean_noise_span_length,
+                                     seed=self.config.train.seed + (0 if training else 1))
+        return self.finish(examples, training)
+
+    def build_model(self, tokenizer):
+        from keras_llm.models import Seq2SeqBackbone, Seq2SeqLM
+
+        model = Seq2SeqLM(Seq2SeqBackbone.from_model_config(
+            self.config.model, tokenizer.vocabulary_size(), tokenizer.special_token_ids()))
+        blocks = tf.data.Dataset.from_tensors(tf.zeros([self.config.data.seq_len - 1],
+                                                       tf.int32) + 6)
+        spec = denoising_dataset(blocks, tokenizer.special_token_ids(),
+                                 self.config.data.seq_len).batch(1)
+        return self.build_on(model, spec)
+
+    def compile(self, model, optimizer):
+        model.compile(optimizer=optimizer, loss=masked_lm_loss(),
+                      weighted_metrics=masked_lm_metrics("token_"))
+
+    def final_metrics(self, eval_logs, train_documents, validation_documents, tokenizer):
+        return {"val_token_accuracy": float(eval_logs["token_accuracy"]),
+                "val_token_perplexity": math.exp(min(float(eval_logs["loss"]), 50.0))}
