@@ -10,6 +10,7 @@ from keras_llm.data.pipeline import (
     pack_tokens,
     split_documents,
     token_chunks,
+    tokenized_documents,
     unigram_baseline,
 )
 from keras_llm.data.sources import TextSource, open_source, read_records
@@ -18,5 +19,5 @@ from keras_llm.data.tokenizers import SPECIAL_TOKENS, Tokenizer, load_tokenizer,
 __all__ = [
     "SPECIAL_TOKENS", "TextSource", "Tokenizer", "as_dataset", "builtin_records",
     "causal_lm_dataset", "load_tokenizer", "open_source", "pack_documents", "pack_tokens",
-    "read_records", "split_documents", "token_chunks", "train_tokenizer", "unigram_baseline",
+    "read_records", "split_documents", "token_chunks", "tokenized_documents", "train_tokenizer", "unigram_baseline",
 ]

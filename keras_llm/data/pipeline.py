@@ -45,16 +45,26 @@ def split_documents(documents, validation_fraction, seed=0):
             documents.filter(is_validation))
 
 
-def token_chunks(documents, tokenizer, eos_id):
-    """1-D int32 token streams, one per batch of documents, each document followed by EOS."""
+def tokenized_documents(documents, tokenizer, eos_id):
+    """One int32 vector per document, tokenized in the graph, with EOS appended."""
 
     def tokenize(texts):
         ids = tf.cast(tokenizer.tokenize(texts), tf.int32)
         eos = tf.fill([tf.shape(texts)[0], 1], tf.constant(eos_id, tf.int32))
-        return tf.concat([ids, eos], axis=1).flat_values
+        return tf.concat([ids, eos], axis=1)
 
-    return (documents.batch(TOKENIZE_BATCH)
-            .map(tokenize, num_parallel_calls=AUTOTUNE, deterministic=True))
+    return (as_dataset(documents).batch(TOKENIZE_BATCH)
+            .map(tokenize, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .unbatch())
+
+
+def token_chunks(documents, tokenizer, eos_id):
+    """1-D int32 token streams, one per batch of documents, each document followed by EOS."""
+    return to_chunks(tokenized_documents(documents, tokenizer, eos_id))
+
+
+def to_chunks(token_documents):
+    return token_documents.ragged_batch(TOKENIZE_BATCH).map(lambda ids: ids.flat_values)
 
 
 def pack_tokens(chunks, block_length):
@@ -81,15 +91,18 @@ def causal_lm_dataset(documents, tokenizer, seq_len, batch_size, seed=0, shuffle
                       shuffle=True, repeat=True):
     """Batches of (inputs, next-token targets), each [batch_size, seq_len].
 
-    Training (shuffle, repeat): documents are shuffled each pass, packed across pass
-    boundaries, and the blocks shuffled again. Evaluation (neither): a fixed sequence.
+    Documents are tokenized once and their ids cached in memory, so later passes cost no
+    tokenization. Training (shuffle, repeat): documents are shuffled each pass, packed across
+    pass boundaries, and the blocks shuffled again. Evaluation (neither): a fixed sequence.
     """
-    documents = as_dataset(documents)
+    eos_id = tokenizer.special_token_ids()["eos"]
+    token_documents = tokenized_documents(documents, tokenizer, eos_id).cache()
     if shuffle:
-        documents = documents.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        token_documents = token_documents.shuffle(shuffle_buffer, seed=seed,
+                                                  reshuffle_each_iteration=True)
     if repeat:
-        documents = documents.repeat()
-    blocks = pack_documents(documents, tokenizer, seq_len + 1)
+        token_documents = token_documents.repeat()
+    blocks = pack_tokens(to_chunks(token_documents), seq_len + 1)
     if shuffle:
         blocks = blocks.shuffle(max(1, shuffle_buffer // 4), seed=seed + 1)
     pairs = blocks.map(lambda block: (block[:-1], block[1:]), num_parallel_calls=AUTOTUNE)

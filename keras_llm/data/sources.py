@@ -27,7 +27,7 @@ import os
 from keras_llm.data import corpus
 from keras_llm.errors import DataError
 
-FILE_KINDS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl",
+FILE_KINDS = {".txt": "text", ".text": "text", ".raw": "text", ".jsonl": "jsonl", ".json": "jsonl",
               ".csv": "csv", ".tsv": "tsv", ".tfrecord": "tfrecord", ".tfrecords": "tfrecord"}
 
 
@@ -36,7 +36,8 @@ def _decode_lines(path):
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                yield number, raw.decode("utf-8")
+                # A byte-order mark (as Windows editors write) is not part of the text.
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte "
                                 f"{e.start})") from None
@@ -62,7 +63,7 @@ def read_records(path, text_field=None):
     elif kind in ("csv", "tsv"):
         records = _csv_records(path, "\t" if kind == "tsv" else ",")
     elif kind == "text":
-        records = ((n, {"text": line.rstrip("\n")}) for n, line in _decode_lines(path))
+        records = ((n, {"text": line.rstrip("\r\n")}) for n, line in _decode_lines(path))
     else:
         raise DataError(f"{path}: records are read from .jsonl, .csv, .tsv or .txt files")
     for number, record in records:
@@ -109,7 +110,7 @@ def _text_documents(path):
     documents, paragraph = [], []
     for _, line in _decode_lines(path):
         if line.strip():
-            paragraph.append(line.rstrip("\n"))
+            paragraph.append(line.rstrip("\r\n"))
         elif paragraph:
             documents.append("\n".join(paragraph))
             paragraph = []

@@ -139,3 +139,9 @@ def test_tfds_source_reads_text_feature_without_download():
             open_source("tfds:imdb_reviews", text_field="body")
     with pytest.raises(DataError, match="no_such_dataset_xyz not found"):
         open_source("tfds:no_such_dataset_xyz")
+
+
+def test_byte_order_mark_and_crlf_are_not_text(tmp_path):
+    path = write(tmp_path / "win.txt", "\ufefffirst line\r\nsecond\r\n\r\nthird\r\n".encode(),
+                 mode="wb")
+    assert open_source(path).texts() == ["first line\nsecond", "third"]
