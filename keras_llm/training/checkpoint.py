@@ -156,6 +156,7 @@ class CheckpointManager:
         self.model = model
         self.config = config.to_dict() if hasattr(config, "to_dict") else config
         self.keep = max(int(keep), 1)
+        self.restored_logs = None
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="checkpoint_step")
         trackables = {"step": self.step, "model": list(model.variables),
                       "global_generator": tf.random.get_global_generator()}
@@ -286,6 +287,7 @@ class CheckpointManager:
                                "one", path, str(e).splitlines()[0])
                 continue
             _set_python_random_state(meta["random_state"])
+            self.restored_logs = meta.get("logs") or None
             logger.info("resumed from %s (step %d)", path, step)
             return int(self.step.numpy())
         return None

@@ -124,7 +124,8 @@ def train(model, train_dataset, steps, interval, validation_data=None, validatio
         verbose: 0 silent, 1 progress bar, 2 one line per interval.
 
     Returns:
-        The Keras `History` of the intervals run by this call.
+        The Keras `History` of the intervals run by this call (of the last interval when the
+        run had already finished), with `first_step`: the step this call started from.
     """
     strategy = strategy or tf.distribute.get_strategy()
     accum = accumulation_steps(model)
@@ -143,6 +144,7 @@ def train(model, train_dataset, steps, interval, validation_data=None, validatio
         manager = CheckpointManager(output_dir, model, iterator, config=config,
                                     keep=keep_checkpoints, worker_index=worker_index)
         step = manager.restore() or 0
+    first_step = step
     model.make_train_function()
     batches = distribute.replica_batches(iterator, strategy)
     in_graph_loop = strategy.num_replicas_in_sync == 1
@@ -183,4 +185,9 @@ def train(model, train_dataset, steps, interval, validation_data=None, validatio
         if model.stop_training:
             break
     callbacks.on_train_end(epoch_logs)
-    return model.history
+    history = model.history
+    if not history.history and manager is not None and manager.restored_logs:
+        # Resumed a run whose training had finished: report its last interval.
+        history.history = {name: [value] for name, value in manager.restored_logs.items()}
+    history.first_step = first_step // accum  # where this call started (0 unless resumed)
+    return history

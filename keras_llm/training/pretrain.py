@@ -5,7 +5,9 @@ comes from the objective named by `config.task` (see `keras_llm.training.objecti
 """
 import logging
 import math
+import dataclasses
 import os
+import shutil
 import time
 
 import keras
@@ -14,8 +16,9 @@ import tensorflow as tf
 from keras_llm import artifacts
 from keras_llm.data import load_tokenizer, open_source, split_documents, train_tokenizer
 from keras_llm.errors import ArtifactError, ConfigError
+from keras_llm.training import distribute, loop
+from keras_llm.training.checkpoint import CheckpointManager
 from keras_llm.training.objectives import get_objective
-from keras_llm.training.optim import make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -31,26 +34,26 @@ class PerplexityLogger(keras.callbacks.Callback):
                 logs[key.replace("loss", "perplexity")] = math.exp(min(logs[key], 50.0))
 
 
-class StopAtStep(keras.callbacks.Callback):
-    """Ends training after exactly `steps` optimizer steps, mid-epoch if need be."""
-
-    def __init__(self, steps):
-        super().__init__()
-        self.steps = steps
-
-    def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations) >= self.steps:
-            self.model.stop_training = True
-
-
-def check_output_dir(output_dir, overwrite):
+def check_output_dir(output_dir, overwrite, restart=False):
+    """A finished artifact is refused (unless `overwrite`); an unfinished one with checkpoints
+    is resumed by `loop.train`, unless `restart` (or `overwrite`) clears them first."""
     if artifacts.is_complete(output_dir) and not overwrite:
         raise ArtifactError(
             f"{output_dir} already holds a finished model; pass --overwrite to replace it or "
             f"choose another --output-dir")
-    os.makedirs(output_dir, exist_ok=True)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise ArtifactError(f"{output_dir}: cannot create the output directory ({e.strerror})")
     if not os.access(output_dir, os.W_OK):
         raise ArtifactError(f"{output_dir}: output directory is not writable")
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    if os.path.isdir(checkpoints):
+        if restart or overwrite:
+            shutil.rmtree(checkpoints)
+        else:
+            logger.info("%s has checkpoints: resuming (pass --restart to start over)",
+                        output_dir)
 
 
 def prepare_data(config, tokenizer_path=None):
@@ -85,13 +88,20 @@ def steps_and_intervals(config, steps_per_data_epoch):
 
 
 def pretrain(config, output_dir, tokenizer_path=None, overwrite=False, command=None,
-             verbose=1):
+             verbose=1, restart=False):
     """Trains `config`'s model on `config.data.source`; writes a model artifact to `output_dir`.
 
+    A rerun in the same `output_dir` resumes from its checkpoints; `restart=True` starts over.
     Returns the metrics dict written to `metrics.json`.
     """
-    check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite, restart)
     keras.utils.set_random_seed(config.train.seed)
+    strategy = distribute.make_strategy(config.train.strategy)
+    global_batch, _, learning_rate = distribute.batch_and_learning_rate(
+        config.train.batch_size, config.train.learning_rate, strategy, config.train.scale_lr)
+    config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, batch_size=global_batch, learning_rate=learning_rate))
+    loop.use_mixed_precision(config.train.mixed_precision)
     objective = get_objective(config)
     source, train_documents, validation_documents, tokenizer = prepare_data(
         config, tokenizer_path)
@@ -110,25 +120,30 @@ def pretrain(config, output_dir, tokenizer_path=None, overwrite=False, command=N
     train_ds = objective.dataset(train_documents, tokenizer, True)
     steps, interval = steps_and_intervals(config, steps_per_data_epoch)
 
-    model = objective.build_model(tokenizer)
-    objective.compile(model, make_optimizer(config.train, total_steps=steps))
+    with strategy.scope():
+        model = objective.build_model(tokenizer)
+        objective.compile(model, loop.make_training_optimizer(
+            config.train, total_steps=steps, grad_accum_steps=config.train.grad_accum_steps))
+    loop.configure_speed(model, config.train.xla, config.train.steps_per_execution)
     logger.info("%s: %s parameters; %d steps of %d sequences of %d tokens (%.1f passes over "
                 "the training data)", config.name, f"{model.count_params():,}", steps,
                 config.train.batch_size, config.data.seq_len, steps / steps_per_data_epoch)
-    callbacks = [
-        StopAtStep(steps),
-        PerplexityLogger(),
-        keras.callbacks.TensorBoard(os.path.join(output_dir, artifacts.LOGS_DIR)),
-    ]
+    chief = distribute.is_chief(strategy)
+    callbacks = [PerplexityLogger()] + (
+        [keras.callbacks.TensorBoard(os.path.join(output_dir, artifacts.LOGS_DIR))] if chief
+        else [])
     started = time.time()
-    history = model.fit(
-        train_ds, epochs=math.ceil(steps / interval), steps_per_epoch=interval,
+    history = loop.train(
+        model, train_ds, steps, interval,
         validation_data=validation_ds.take(min(config.train.eval_steps, validation_batches)),
-        callbacks=callbacks, verbose=verbose)
-    train_seconds = time.time() - started
+        output_dir=output_dir, callbacks=callbacks,
+        checkpoint_every=config.train.checkpoint_every,
+        keep_checkpoints=config.train.keep_checkpoints, config=config, strategy=strategy,
+        verbose=verbose)
+    train_seconds = max(time.time() - started, 1e-9)
 
     final = model.evaluate(validation_ds, verbose=0, return_dict=True)
-    trained_steps = int(model.optimizer.iterations)
+    trained_steps = int(model.optimizer.iterations.numpy())
     metrics = {
         "steps": trained_steps,
         "train_loss": float(history.history["loss"][-1]),
@@ -136,7 +151,8 @@ def pretrain(config, output_dir, tokenizer_path=None, overwrite=False, command=N
         **objective.final_metrics(final, train_documents, validation_documents, tokenizer),
         "train_seconds": round(train_seconds, 1),
         "train_tokens_per_second": round(
-            trained_steps * config.train.batch_size * config.data.seq_len / train_seconds, 1),
+            (trained_steps - history.first_step) * config.train.grad_accum_steps
+            * config.train.batch_size * config.data.seq_len / train_seconds, 1),
         "parameters": int(model.count_params()),
         "vocabulary_size": tokenizer.vocabulary_size(),
     }
@@ -144,5 +160,6 @@ def pretrain(config, output_dir, tokenizer_path=None, overwrite=False, command=N
     metadata = artifacts.make_metadata(
         ARTIFACT_TYPE, config, data=data_record, command=command,
         extra={"family": config.model.family, "task": config.task})
-    artifacts.save_model_artifact(output_dir, model, tokenizer, config, metrics, metadata)
+    if chief:  # the other workers of a multi-worker run hold the same weights
+        artifacts.save_model_artifact(output_dir, model, tokenizer, config, metrics, metadata)
     return metrics

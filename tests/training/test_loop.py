@@ -43,12 +43,15 @@ def test_trains_exact_steps_evaluates_each_interval_and_writes_checkpoints(tmp_p
 
 def test_a_finished_run_resumes_to_nothing_to_do(tmp_path):
     model = train_job.build_model(seed=1, dropout=0.0)
-    loop.train(model, train_job.synthetic_dataset(1, 8), steps=4, interval=4,
-               output_dir=str(tmp_path), verbose=0)
+    first = loop.train(model, train_job.synthetic_dataset(1, 8), steps=4, interval=4,
+                       output_dir=str(tmp_path), verbose=0)
+    assert first.first_step == 0
+    last_loss = first.history["loss"][-1]
     again = train_job.build_model(seed=5, dropout=0.0)
     history = loop.train(again, train_job.synthetic_dataset(1, 8), steps=4, interval=4,
                          output_dir=str(tmp_path), verbose=0)
-    assert history.history == {}
+    assert history.first_step == 4
+    assert history.history["loss"] == [pytest.approx(last_loss)]  # from the checkpoint
     weights_close(model, again, atol=0)
 
 

@@ -2,6 +2,7 @@
 uninterrupted run with the same seed ends."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,3 +73,69 @@ def test_killed_during_a_checkpoint_write_then_rerun_matches(uninterrupted, tmp_
     assert "(step 2)" in resumed.stderr
     assert_same_run(uninterrupted, tmp_path)
     assert not [n for n in checkpoints(tmp_path) if n.startswith(".tmp")]
+
+
+def tiny_config(**train):
+    from keras_llm.config import load_config
+
+    overrides = {"model.vocab_size": 300, "model.hidden_size": 16, "model.num_layers": 1,
+                 "model.num_heads": 2, "model.intermediate_size": 32, "model.max_length": 16,
+                 "data.seq_len": 16, "data.validation_fraction": 0.2, "data.shuffle_buffer": 32,
+                 "train.batch_size": 4, "train.steps": 4, "train.eval_every": 2,
+                 "train.eval_steps": 1, "train.warmup_steps": 1, "train.checkpoint_every": 1}
+    overrides.update({f"train.{k}": v for k, v in train.items()})
+    return load_config("gpt-tiny", overrides=overrides)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"text": f"document {i}: the quick brown fox jumps over the lazy dog "
+                                 f"{i % 7} times"}) for i in range(80)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.slow
+def test_pretrain_resumes_an_unfinished_artifact_and_refuses_other_configs(tmp_path, corpus):
+    from keras_llm import artifacts
+    from keras_llm.errors import ConfigError
+    from keras_llm.training.pretrain import pretrain
+
+    out = str(tmp_path / "model")
+    config = tiny_config()
+    config.data.source = corpus
+    first = pretrain(config, out, verbose=0)
+    assert first["steps"] == 4
+    # An interrupted run: the artifact was never finished and only checkpoints 2, 3 remain.
+    os.remove(os.path.join(out, artifacts.METADATA_FILE))
+    shutil.rmtree(os.path.join(out, "checkpoints", "ckpt-000000004"))
+    other = tiny_config(batch_size=8)
+    other.data.source = corpus
+    with pytest.raises(ConfigError, match=r"train.batch_size: 4 -> 8.*--restart"):
+        pretrain(other, out, verbose=0)
+    resumed = pretrain(config, out, verbose=0)
+    assert artifacts.is_complete(out)
+    assert resumed["steps"] == 4
+    assert resumed["val_loss"] == pytest.approx(first["val_loss"], abs=1e-5)
+
+
+def test_restart_and_overwrite_clear_checkpoints_finished_models_are_refused(tmp_path):
+    from keras_llm import artifacts
+    from keras_llm.errors import ArtifactError
+    from keras_llm.training.pretrain import check_output_dir
+
+    checkpoints = tmp_path / "checkpoints" / "ckpt-000000002"
+    checkpoints.mkdir(parents=True)
+    check_output_dir(str(tmp_path), overwrite=False)  # resumes: checkpoints kept
+    assert checkpoints.is_dir()
+    check_output_dir(str(tmp_path), overwrite=False, restart=True)
+    assert not (tmp_path / "checkpoints").exists()
+    (tmp_path / artifacts.METADATA_FILE).write_text("{}")
+    with pytest.raises(ArtifactError, match="already holds a finished model"):
+        check_output_dir(str(tmp_path), overwrite=False)
+    checkpoints.mkdir(parents=True)
+    check_output_dir(str(tmp_path), overwrite=True)
+    assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(ArtifactError, match="cannot create the output directory"):
+        check_output_dir(str(tmp_path / artifacts.METADATA_FILE / "sub"), overwrite=False)
