@@ -15,6 +15,7 @@ Speed switches (all off by default):
                         with dynamic loss scaling on GPU (compile adds the LossScaleOptimizer),
                         mixed_bfloat16 on CPU and TPU
     XLA                 `configure_speed(model, xla=True)`: the train step is jit-compiled
+                        (one replica only, see `configure_speed`)
     steps_per_execution several train steps per call into the runtime (single replica)
     gradient accumulation `make_training_optimizer(..., grad_accum_steps=N)`
 """
@@ -63,7 +64,17 @@ def make_training_optimizer(train_config, total_steps, grad_accum_steps=1):
 
 
 def configure_speed(model, xla=False, steps_per_execution=1):
-    """Turns XLA and steps_per_execution on a compiled model on or off."""
+    """Turns XLA and steps_per_execution on a compiled model on or off.
+
+    XLA stays off with more than one replica: Keras 3 compiles the whole distributed step
+    (`strategy.run` included) as one XLA cluster, which cannot reach the other replicas'
+    variables ("Trying to access resource ... located in device").
+    """
+    if xla and model.distribute_strategy.num_replicas_in_sync > 1:
+        logger.warning("--xla is ignored with %d replicas (Keras 3 cannot jit-compile a "
+                       "step that spans devices); training without XLA",
+                       model.distribute_strategy.num_replicas_in_sync)
+        xla = False
     model.jit_compile = bool(xla)
     model.steps_per_execution = int(steps_per_execution)
     model.train_function = model.test_function = model.predict_function = None
