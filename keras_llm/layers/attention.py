@@ -132,10 +132,12 @@ class MultiHeadAttention(keras.layers.Layer):
             y = y + ops.concatenate([self.query_bias, self.key_bias, self.value_bias])
         heads_key = self.num_heads * self.key_dim
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        q = ops.reshape(y[..., :heads_key], (batch, length, self.num_heads, self.key_dim))
-        k = ops.reshape(y[..., heads_key:2 * heads_key],
-                        (batch, length, self.num_heads, self.key_dim))
-        v = ops.reshape(y[..., 2 * heads_key:], (batch, length, self.num_heads, self.value_dim))
+        # split, not three slices: its gradient is one concat, where each slice's gradient
+        # writes a full-width zero tensor (about 6% of a CPU training step).
+        q, k, v = ops.split(y, [heads_key, 2 * heads_key], axis=-1)
+        q = ops.reshape(q, (batch, length, self.num_heads, self.key_dim))
+        k = ops.reshape(k, (batch, length, self.num_heads, self.key_dim))
+        v = ops.reshape(v, (batch, length, self.num_heads, self.value_dim))
         return q, k, v
 
     def compute_key_value_cache(self, value):
@@ -194,16 +196,24 @@ class MultiHeadAttention(keras.layers.Layer):
     def _attend(self, q, k, v, mask, is_causal, training):
         if mask is not None:
             mask = ops.cast(mask, "bool")[:, None, :, :]  # broadcast over heads
-        if not (training and self.dropout > 0):
+        # The fused op has no dropout, and JAX's needs value_dim == key_dim. On TensorFlow,
+        # keras' is_causal path builds and combines (batch, heads, T, S) boolean masks; the
+        # explicit path selects with one broadcast (T, S) mask (about 4% of a CPU training
+        # step). Other backends keep the fused op, which can pick a flash/cuDNN kernel on GPU.
+        # (Adding a -1e9 bias instead of the select is as fast in theory, but oneDNN fuses
+        # that add into the batch matmul and runs it 10x slower.)
+        explicit = (training and self.dropout > 0) or self.value_dim != self.key_dim or (
+            is_causal and keras.backend.backend() == "tensorflow")
+        if not explicit:
             return ops.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
-        # dot_product_attention has no dropout: spell the same computation out.
         if is_causal:
             mask = causal_mask(ops.shape(q)[1], ops.shape(k)[1])[None, None]
         scores = ops.einsum("btnh,bsnh->bnts", q, k) / ops.sqrt(
             ops.cast(self.key_dim, q.dtype))
+        scores = ops.cast(scores, "float32")  # softmax in float32 under mixed precision
         if mask is not None:
-            scores = ops.where(mask, scores, ops.cast(-1e9, scores.dtype))
-        probs = ops.softmax(ops.cast(scores, "float32"), axis=-1)
+            scores = ops.where(mask, scores, -1e9)
+        probs = ops.softmax(scores, axis=-1)
         probs = self._dropout_layer(ops.cast(probs, v.dtype), training=training)
         return ops.einsum("bnts,bsnh->btnh", probs, v)
 
