@@ -173,11 +173,13 @@ def train_tokenizer_command(kind, data, text_field, vocab_size, lowercase, outpu
 
 
 def _attach_subcommands():
+    from keras_llm.commands_export import export
     from keras_llm.pipeline.cli import pipeline
     from keras_llm.serving.cli import serve_command
 
     main.add_command(pipeline)
     main.add_command(serve_command)
+    main.add_command(export)
 
 
 _attach_subcommands()

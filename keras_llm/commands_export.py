@@ -1,0 +1,50 @@
+"""`keras-llm export`: attached to the main command group in `cli.py`."""
+import functools
+import os
+
+import click
+
+
+def one_line_errors(command):
+    """keras-llm's errors as one clean line (imported late: `keras_llm.cli` imports us)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from keras_llm.cli import handle_errors
+
+        return handle_errors(command)(*args, **kwargs)
+
+    return wrapper
+
+
+@click.command("export", context_settings={"show_default": True})
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Export base directory (TF Serving's model base path); the version is "
+                   "written to OUTPUT/<version>/.")
+@click.option("--version", "version", type=click.IntRange(min=1), default=None,
+              help="Version number. Default: one more than the newest under --output. An "
+                   "existing version is refused, never overwritten.")
+@click.option("--no-validate", is_flag=True,
+              help="Skip reloading the SavedModel with plain TensorFlow and comparing it "
+                   "with the Keras model.")
+@one_line_errors
+def export(model_dir, output, version, no_validate):
+    """Export MODEL_DIR as a SavedModel with string-in, string-out signatures for TF Serving.
+
+    GPT models get `generate(prompt, max_new_tokens, temperature, top_k) -> text` (also
+    `serving_default`), BERT-family encoders `embed(text) -> pooled`. The tokenizer and
+    the decoding loop run inside the graph. See `saved_model_cli show --dir OUTPUT/<version>
+    --all` for the signatures, and `keras-llm serve OUTPUT` to try it.
+    """
+    from keras_llm.artifacts import read_json
+    from keras_llm.export import ASSETS_EXTRA, export as export_model
+
+    version_dir = export_model(model_dir, output, version=version, validate=not no_validate)
+    record = read_json(os.path.join(version_dir, ASSETS_EXTRA, "metadata.json"))
+    click.echo(f"exported {model_dir} ({record['kind']}) to {version_dir}"
+               f"{'' if no_validate else ' (validated with plain TensorFlow)'}")
+    for name, signature in sorted(record["signatures"].items()):
+        inputs = ", ".join(f"{key}: {value}" for key, value in signature["inputs"].items())
+        outputs = ", ".join(f"{key}: {value}" for key, value in signature["outputs"].items())
+        click.echo(f"  {name}({inputs}) -> {outputs}")

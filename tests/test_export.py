@@ -1,0 +1,328 @@
+"""keras-llm export: TF Serving layout, string signatures reloaded without keras-llm, warmup
+records, version numbering, failure cleanup, and the REST server serving an export."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from keras_llm import export as export_lib
+from keras_llm.artifacts import read_json
+from keras_llm.errors import ArtifactError
+
+PROMPTS = ["", "the quick", "def return value list string number file over lazy dog"]
+WORDS = "the quick brown fox jumps over lazy dog def return value list string number file"
+
+
+# ---------------------------------------------------------------------------- fast checks
+
+
+def prediction_log_class():
+    """`tensorflow.serving.PredictionLog` rebuilt from a minimal descriptor (the field
+    numbers of tensorflow_serving/apis), in a private pool: an independent protobuf parser
+    for the hand-written wire format."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from tensorflow.core.framework import tensor_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    added = set()
+
+    def add(file_descriptor):
+        if file_descriptor.name in added:
+            return
+        for dependency in file_descriptor.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file_descriptor.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file_descriptor.name)
+
+    add(tensor_pb2.DESCRIPTOR)
+    F = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(
+        name="test/prediction_log.proto", package="tensorflow.serving", syntax="proto3",
+        dependency=[tensor_pb2.DESCRIPTOR.name])
+
+    def message(name, fields, parent=None):
+        msg = (parent.nested_type if parent else file.message_type).add(name=name)
+        for field_name, number, kind, type_name, label in fields:
+            msg.field.add(name=field_name, number=number, type=kind, type_name=type_name,
+                          label=label)
+        return msg
+
+    optional, repeated = F.LABEL_OPTIONAL, F.LABEL_REPEATED
+    message("ModelSpec", [("name", 1, F.TYPE_STRING, None, optional),
+                          ("signature_name", 3, F.TYPE_STRING, None, optional)])
+    request = message("PredictRequest", [
+        ("model_spec", 1, F.TYPE_MESSAGE, ".tensorflow.serving.ModelSpec", optional),
+        ("inputs", 2, F.TYPE_MESSAGE, ".tensorflow.serving.PredictRequest.InputsEntry",
+         repeated)])
+    entry = message("InputsEntry", [
+        ("key", 1, F.TYPE_STRING, None, optional),
+        ("value", 2, F.TYPE_MESSAGE, ".tensorflow.TensorProto", optional)], parent=request)
+    entry.options.map_entry = True
+    message("PredictLog", [
+        ("request", 1, F.TYPE_MESSAGE, ".tensorflow.serving.PredictRequest", optional)])
+    message("PredictionLog", [
+        ("predict_log", 6, F.TYPE_MESSAGE, ".tensorflow.serving.PredictLog", optional)])
+    pool.Add(file)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("tensorflow.serving.PredictionLog"))
+
+
+def test_varint_matches_the_protobuf_encoding():
+    assert export_lib._varint(1) == b"\x01"
+    assert export_lib._varint(300) == b"\xac\x02"
+    assert export_lib._varint(2 ** 35) == b"\x80\x80\x80\x80\x80\x01"
+
+
+def test_prediction_log_parses_as_tf_serving_proto():
+    record = export_lib.prediction_log("gpt", "generate", {
+        "prompt": tf.constant(["héllo", ""]), "max_new_tokens": tf.constant(4),
+        "temperature": tf.constant(0.5)})
+    log = prediction_log_class().FromString(record)
+    request = log.predict_log.request
+    assert request.model_spec.name == "gpt"
+    assert request.model_spec.signature_name == "generate"
+    assert sorted(request.inputs) == ["max_new_tokens", "prompt", "temperature"]
+    assert tf.make_ndarray(request.inputs["prompt"]).tolist() == ["héllo".encode(), b""]
+    assert tf.make_ndarray(request.inputs["max_new_tokens"]) == 4
+    assert tf.make_ndarray(request.inputs["temperature"]) == np.float32(0.5)
+    # And the parser's own serialization is byte-identical (same fields, same order).
+    assert log.SerializeToString(deterministic=True) == record
+
+
+def test_next_version_counts_numeric_directories_only(tmp_path):
+    assert export_lib.next_version(str(tmp_path / "missing")) == 1
+    for name in ("1", "3", ".export-4-abc", "notes"):
+        os.makedirs(tmp_path / name)
+    (tmp_path / "9").write_text("a file, not a version")
+    assert export_lib.existing_versions(str(tmp_path)) == [1, 3]
+    assert export_lib.next_version(str(tmp_path)) == 4
+
+
+def test_choose_tokens_greedy_and_top_k():
+    logits = tf.constant([[0.0, 3.0, 2.9, -5.0]] * 4000)
+    greedy = export_lib.choose_tokens(logits, tf.constant(1.0), tf.constant(1))
+    assert set(greedy.numpy().tolist()) == {1}
+    greedy = export_lib.choose_tokens(logits, tf.constant(0.0), tf.constant(3))
+    assert set(greedy.numpy().tolist()) == {1}
+    tf.random.set_seed(0)
+    sampled = export_lib.choose_tokens(logits, tf.constant(1.0), tf.constant(2)).numpy()
+    assert set(sampled.tolist()) == {1, 2}
+    # p(1) / (p(1) + p(2)) = sigmoid(0.1) = 0.525 within the top 2.
+    assert abs(np.mean(sampled == 1) - 0.525) < 0.03
+    hot = export_lib.choose_tokens(logits, tf.constant(0.05), tf.constant(4)).numpy()
+    assert np.mean(hot == 1) > 0.85  # low temperature sharpens toward the argmax
+
+
+class TinyPlan(export_lib.ExportPlan):
+    """A trivial model (doubling) to test publishing without building a language model."""
+
+    def __init__(self, wrong=False):
+        module = tf.Module()
+        module.scale = tf.Variable(2.0)
+        module.double = tf.function(lambda x: {"y": x * module.scale},
+                                    input_signature=[tf.TensorSpec([None], tf.float32)])
+        function = module.double.get_concrete_function()
+        expected = {"y": [2.0, 5.0 if wrong else 4.0]}
+        super().__init__("tiny", module, {"serving_default": function},
+                         [("serving_default", {"x": tf.constant([1.0])})],
+                         [({"signature": "serving_default",
+                            "inputs": {"x": [[1.0, 2.0], "float32"]}}, expected)],
+                         tolerance=1e-6)
+
+
+def test_versions_numbered_and_never_overwritten(tmp_path):
+    base = str(tmp_path / "tiny")
+    plan = TinyPlan()
+    assert export_lib.write_version(plan, base, validate=False) == os.path.join(base, "1")
+    assert export_lib.write_version(plan, base, validate=False) == os.path.join(base, "2")
+    assert export_lib.write_version(plan, base, 7, validate=False) == os.path.join(base, "7")
+    assert export_lib.write_version(plan, base, validate=False) == os.path.join(base, "8")
+    with pytest.raises(ArtifactError, match="2 already exists; versions are never overwritten"):
+        export_lib.write_version(plan, base, 2, validate=False)
+    with pytest.raises(ArtifactError, match="version must be a positive integer"):
+        export_lib.write_version(plan, base, 0, validate=False)
+    assert sorted(os.listdir(base)) == ["1", "2", "7", "8"]  # no staging directory left
+    assert os.path.isfile(os.path.join(base, "8", "saved_model.pb"))
+    records = list(tf.data.TFRecordDataset(
+        os.path.join(base, "8", "assets.extra", "tf_serving_warmup_requests")).as_numpy_iterator())
+    assert len(records) == 1
+
+
+def test_check_outputs_refuses_a_mismatch():
+    plan = TinyPlan(wrong=True)
+    answer = {"signatures": ["serving_default"], "results": [{"y": [2.0, 4.0]}]}
+    with pytest.raises(ArtifactError, match=r"differs from the Keras model's by 1"):
+        export_lib.check_outputs(plan, answer, where="test")
+    with pytest.raises(ArtifactError, match="lacks signature serving_default"):
+        export_lib.check_outputs(plan, {"signatures": [], "results": []}, where="test")
+
+
+# ---------------------------------------------------------------------------- a real GPT
+
+
+@pytest.fixture(scope="module")
+def gpt_artifact(tmp_path_factory):
+    from keras_llm.config import load_config
+    from keras_llm.training.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("export")
+    rng = np.random.default_rng(0)
+    words = WORDS.split()
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 40))}) + "\n"
+                              for _ in range(120)))
+    config = load_config("gpt-tiny", overrides={
+        "train.steps": 3, "model.num_layers": 1, "model.hidden_size": 32,
+        "model.num_heads": 2, "model.intermediate_size": 64, "model.vocab_size": 300,
+        "model.max_length": 32, "data.seq_len": 32, "train.batch_size": 4,
+        "train.eval_every": 3, "train.eval_steps": 1, "data.source": str(corpus)})
+    pretrain(config, str(root / "model"), verbose=0)
+    return str(root / "model")
+
+
+@pytest.fixture(scope="module")
+def gpt_export(gpt_artifact):
+    base = os.path.join(os.path.dirname(gpt_artifact), "exports", "gpt")
+    return export_lib.export(gpt_artifact, base)  # validated in a subprocess
+
+
+@pytest.fixture(scope="module")
+def greedy_texts(gpt_artifact):
+    from keras_llm.artifacts import load_model_artifact
+    from keras_llm.generation import TextGenerator
+
+    artifact = load_model_artifact(gpt_artifact)
+    return [str(text) for text in TextGenerator(artifact.model, artifact.tokenizer).generate(
+        PROMPTS, max_new_tokens=6, sampler="greedy")]
+
+
+PLAIN_TF_CHECK = r"""
+import json, sys
+import tensorflow as tf
+import tensorflow_text  # noqa: F401
+
+path, prompts = sys.argv[1], json.loads(sys.argv[2])
+model = tf.saved_model.load(path)
+generate = model.signatures["generate"]
+greedy = generate(prompt=tf.constant(prompts), max_new_tokens=tf.constant(6),
+                  temperature=tf.constant(0.0), top_k=tf.constant(1))["text"]
+sampled = model.signatures["serving_default"](
+    prompt=tf.constant(prompts), max_new_tokens=tf.constant(6), temperature=tf.constant(1.0),
+    top_k=tf.constant(20))["text"]
+# Replay the warmup requests as TF Serving does: every record runs.
+warmup = 0
+for record in tf.data.TFRecordDataset(path + "/assets.extra/tf_serving_warmup_requests"):
+    warmup += 1
+print(json.dumps({
+    "greedy": [t.decode("utf-8", "replace") for t in greedy.numpy()],
+    "sampled_rows": int(sampled.shape[0]), "warmup_records": warmup,
+    "keras_llm_imported": any(m.startswith(("keras_llm", "keras_hub")) for m in sys.modules),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_export_reloads_without_keras_llm_and_generates(gpt_export, greedy_texts):
+    assert gpt_export.endswith(os.path.join("gpt", "1"))
+    process = subprocess.run(
+        [sys.executable, "-c", PLAIN_TF_CHECK, gpt_export, json.dumps(PROMPTS)],
+        capture_output=True, text=True, cwd=os.path.dirname(gpt_export), timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    answer = json.loads(process.stdout.strip().splitlines()[-1])
+    assert answer["keras_llm_imported"] is False
+    assert answer["greedy"] == greedy_texts
+    assert answer["sampled_rows"] == len(PROMPTS)
+    assert answer["warmup_records"] == 2
+
+
+@pytest.mark.slow
+def test_export_layout_metadata_and_warmup(gpt_export, gpt_artifact):
+    base = os.path.dirname(gpt_export)
+    assert sorted(os.listdir(base)) == ["1", "metadata.json"]
+    assert sorted(os.listdir(gpt_export)) == [
+        "assets", "assets.extra", "fingerprint.pb", "saved_model.pb", "variables"]
+    record = read_json(os.path.join(gpt_export, "assets.extra", "metadata.json"))
+    assert record["kind"] == "gpt" and record["version"] == 1
+    assert record["parent"]["directory"] == os.path.abspath(gpt_artifact)
+    assert record["signatures"]["generate"] == {
+        "inputs": {"max_new_tokens": "int32[]", "prompt": "string[None]",
+                   "temperature": "float32[]", "top_k": "int32[]"},
+        "outputs": {"text": "string[None]"}}
+    assert record["signatures"]["serving_default"] == record["signatures"]["generate"]
+    base_record = read_json(os.path.join(base, "metadata.json"))
+    assert base_record["artifact_type"] == "keras_llm.ExportedModel"
+    assert base_record["latest_version"] == 1
+    assert base_record["parent"] == os.path.abspath(gpt_artifact)
+    parse = prediction_log_class().FromString
+    logs = [parse(r) for r in tf.data.TFRecordDataset(
+        os.path.join(gpt_export, "assets.extra", "tf_serving_warmup_requests")
+    ).as_numpy_iterator()]
+    assert [log.predict_log.request.model_spec.signature_name for log in logs] == [
+        "serving_default", "generate"]
+    inputs = logs[0].predict_log.request.inputs
+    assert sorted(inputs) == ["max_new_tokens", "prompt", "temperature", "top_k"]
+    assert tf.make_ndarray(inputs["top_k"]) == 1
+
+
+@pytest.mark.slow
+def test_cli_export_explicit_version_and_refused_overwrite(gpt_export, gpt_artifact):
+    from keras_llm.cli import main
+
+    base = os.path.dirname(gpt_export)
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", gpt_artifact, "--output", base, "--version", "5",
+                                  "--no-validate"])
+    assert result.exit_code == 0, result.output
+    assert "to " + os.path.join(base, "5") in result.output
+    assert "generate(max_new_tokens: int32[], prompt: string[None]" in result.output
+    result = runner.invoke(main, ["export", gpt_artifact, "--output", base, "--version", "1"])
+    assert result.exit_code == 1
+    assert "1 already exists; versions are never overwritten" in result.output
+    assert sorted(os.listdir(base)) == ["1", "5", "metadata.json"]
+    assert read_json(os.path.join(base, "metadata.json"))["latest_version"] == 5
+
+
+@pytest.mark.slow
+def test_failed_validation_publishes_no_version(gpt_artifact, tmp_path, monkeypatch):
+    def wrong_answer(version_dir, calls):
+        return {"signatures": ["generate", "serving_default"],
+                "results": [{"text": ["not it"] * len(calls[0]["inputs"]["prompt"][0])},
+                            {"text": ["x"] * len(calls[1]["inputs"]["prompt"][0])}]}
+
+    monkeypatch.setattr(export_lib, "reload_and_run", wrong_answer)
+    base = str(tmp_path / "exports")
+    with pytest.raises(ArtifactError, match="output text differs from the Keras model's"):
+        export_lib.export(gpt_artifact, base)
+    assert os.listdir(base) == []
+
+
+@pytest.mark.slow
+def test_rest_server_serves_the_export(gpt_export, greedy_texts):
+    from keras_llm.serving.rest import make_server
+
+    server = make_server(os.path.dirname(gpt_export), port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        body = {"signature_name": "generate",
+                "inputs": {"prompt": PROMPTS, "max_new_tokens": 6, "temperature": 0.0,
+                           "top_k": 1}}
+        request = urllib.request.Request(server.url + ":predict",
+                                         data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        # Invalid UTF-8 (a byte-level BPE model may cut a character) comes back as base64.
+        texts = [t if isinstance(t, str) else "(binary)" for t in answer["outputs"]]
+        assert texts == [t if "\ufffd" not in t else "(binary)" for t in greedy_texts]
+    finally:
+        server.shutdown()
+        server.server_close()
