@@ -118,13 +118,15 @@ def token_counts(documents, tokenizer, vocabulary_size):
     return counts
 
 
-def unigram_baseline(train_documents, validation_documents, tokenizer, seq_len=None):
+def unigram_baseline(train_documents, validation_documents, tokenizer, train_counts=None):
     """Validation perplexity of the add-one smoothed unigram model of the training tokens.
 
     The floor any language model must beat: it knows token frequencies and nothing else.
+    `train_counts` (from `token_counts`) saves tokenizing the training documents again.
     """
     size = tokenizer.vocabulary_size()
-    train = token_counts(train_documents, tokenizer, size)
+    train = (train_counts if train_counts is not None
+             else token_counts(train_documents, tokenizer, size))
     validation = token_counts(validation_documents, tokenizer, size)
     log_probabilities = np.log((train + 1) / (train.sum() + size))
     cross_entropy = -float((validation * log_probabilities).sum() / max(1, validation.sum()))

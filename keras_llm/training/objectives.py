@@ -54,6 +54,11 @@ class Objective:
         """Batches from a dataset of document strings: shuffled and repeated when training."""
         raise NotImplementedError
 
+    def steps_per_pass(self, documents, tokenizer):
+        """Training batches in one pass over `documents` (for --epochs and the log)."""
+        dataset = self.dataset(documents, tokenizer, False)
+        return int(dataset.reduce(0, lambda count, _: count + 1))
+
     def final_metrics(self, eval_logs, train_documents, validation_documents, tokenizer):
         """Extra entries for `metrics.json` from the final validation logs."""
         return {}
@@ -87,13 +92,22 @@ class CausalLMObjective(Objective):
             batch_size=self.config.train.batch_size, seed=self.config.train.seed,
             shuffle_buffer=self.config.data.shuffle_buffer, shuffle=training, repeat=training)
 
+    def steps_per_pass(self, documents, tokenizer):
+        # Counting tokens (kept for the unigram baseline) is one tokenization of the corpus;
+        # counting batches would be another.
+        from keras_llm.data.pipeline import token_counts
+
+        self._train_counts = token_counts(documents, tokenizer, tokenizer.vocabulary_size())
+        blocks = int(self._train_counts.sum()) // (self.config.data.seq_len + 1)
+        return blocks // self.config.train.batch_size
+
     def final_metrics(self, eval_logs, train_documents, validation_documents, tokenizer):
         import math
 
         from keras_llm.data import unigram_baseline
 
         baseline = unigram_baseline(train_documents, validation_documents, tokenizer,
-                                    self.config.data.seq_len)
+                                    train_counts=getattr(self, "_train_counts", None))
         return {
             "val_perplexity": math.exp(min(eval_logs["loss"], 50.0)),
             "val_accuracy": float(eval_logs["accuracy"]),

@@ -106,7 +106,7 @@ def pretrain(config, output_dir, tokenizer_path=None, overwrite=False, command=N
     source, train_documents, validation_documents, tokenizer = prepare_data(
         config, tokenizer_path)
     objective.check_tokenizer(tokenizer)
-    steps_per_data_epoch = count_batches(objective.dataset(train_documents, tokenizer, False))
+    steps_per_data_epoch = objective.steps_per_pass(train_documents, tokenizer)
     validation_ds = objective.dataset(validation_documents, tokenizer, False).cache()
     validation_batches = count_batches(validation_ds)
     if steps_per_data_epoch == 0 or validation_batches == 0:
