@@ -326,3 +326,55 @@ def test_rest_server_serves_the_export(gpt_export, greedy_texts):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def bert_artifact(tmp_path_factory):
+    """An untrained tiny BERT with a WordPiece tokenizer, saved as a model artifact."""
+    import keras
+
+    from keras_llm.artifacts import make_metadata, save_model_artifact
+    from keras_llm.config import load_config
+    from keras_llm.data.tokenizers import train_tokenizer
+    from keras_llm.models import BertBackbone
+
+    keras.utils.set_random_seed(3)
+    tokenizer = train_tokenizer("wordpiece", [WORDS, WORDS.upper(), "Open a file."] * 10, 120,
+                                lowercase=True)
+    config = load_config("bert-tiny", overrides={
+        "model.num_layers": 1, "model.hidden_size": 16, "model.num_heads": 2,
+        "model.intermediate_size": 32, "model.max_length": 16, "data.seq_len": 16})
+    backbone = BertBackbone.from_model_config(
+        config.model, vocabulary_size=tokenizer.vocabulary_size(),
+        special_token_ids=tokenizer.special_token_ids())
+    backbone({"token_ids": np.ones((1, 4), "int32"), "padding_mask": np.ones((1, 4), bool),
+              "segment_ids": np.zeros((1, 4), "int32")})
+    directory = str(tmp_path_factory.mktemp("bert") / "model")
+    save_model_artifact(directory, backbone, tokenizer, config, {},
+                        make_metadata("keras_llm.PretrainedModel", config))
+    return directory
+
+
+@pytest.mark.slow
+def test_encoder_export_embeds_like_the_keras_model(bert_artifact):
+    from keras_llm.artifacts import load_model_artifact
+
+    base = os.path.join(os.path.dirname(bert_artifact), "exports")
+    version_dir = export_lib.export(bert_artifact, base)  # validated within 1e-5
+    record = read_json(os.path.join(version_dir, "assets.extra", "metadata.json"))
+    assert record["kind"] == "encoder"
+    assert record["signatures"]["embed"] == {"inputs": {"text": "string[None]"},
+                                             "outputs": {"pooled": "float32[None, 16]"}}
+    # Long text is truncated to the context; mixed case is lowercased in the graph.
+    texts = ["the QUICK brown fox " * 10, "Open a file."]
+    loaded = tf.saved_model.load(version_dir)
+    pooled = loaded.signatures["embed"](text=tf.constant(texts))["pooled"].numpy()
+    backbone = load_model_artifact(bert_artifact).model
+    tokenizer = load_model_artifact(bert_artifact).tokenizer
+    ids = [[2] + row[:14] + [3] for row in tokenizer.encode([t.lower() for t in texts])]
+    token_ids = np.zeros((2, max(map(len, ids))), "int32")
+    for row, values in enumerate(ids):
+        token_ids[row, :len(values)] = values
+    expected = backbone({"token_ids": token_ids, "padding_mask": token_ids != 0,
+                         "segment_ids": np.zeros_like(token_ids)})["pooled_output"]
+    np.testing.assert_allclose(pooled, np.asarray(expected), atol=1e-5)
