@@ -117,22 +117,24 @@ def main():
             return random_batch(train_ids, rng, batch_size, context)
 
     def estimate_loss(ids):
-        """nanoGPT's `estimate_loss`: mean over `eval_iters` random batches."""
-        batches = [random_batch(ids, rng, batch_size, context)
-                   for _ in range(train_config.eval_steps)]
-        x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
-        return float(model.evaluate(x, y, batch_size=batch_size, verbose=0))
+        """nanoGPT's `estimate_loss`: mean over `eval_iters` random batches, and the
+        standard error of that mean (the estimate's own noise)."""
+        losses = [float(model.test_on_batch(*random_batch(ids, rng, batch_size, context)))
+                  for _ in range(train_config.eval_steps)]
+        return float(np.mean(losses)), float(np.std(losses, ddof=1) / np.sqrt(len(losses)))
 
     history = []
 
     class Evaluation(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             step = (epoch + 1) * train_config.eval_every
-            entry = {"step": step, "train_loss": estimate_loss(train_ids),
-                     "val_loss": estimate_loss(val_ids), "elapsed_s": time.perf_counter() - t0}
+            (train_loss, _), (val_loss, val_stderr) = (estimate_loss(train_ids),
+                                                        estimate_loss(val_ids))
+            entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss,
+                     "val_loss_stderr": val_stderr, "elapsed_s": time.perf_counter() - t0}
             history.append(entry)
-            print(f"step {step:5d}: train loss {entry['train_loss']:.4f}, "
-                  f"val loss {entry['val_loss']:.4f}, {entry['elapsed_s']:.1f} s")
+            print(f"step {step:5d}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
+                  f"(+-{val_stderr:.3f}), {entry['elapsed_s']:.1f} s")
 
     epochs = max(train_config.steps // train_config.eval_every, 1)
     t0 = time.perf_counter()
@@ -146,6 +148,7 @@ def main():
     result = {
         "target_val_loss": TARGET_VAL_LOSS,
         "val_loss": val_loss,
+        "val_loss_stderr": history[-1]["val_loss_stderr"],
         "full_val_loss": full_val_loss,
         "full_val_windows": int(len(val_x)),
         "train_loss": history[-1]["train_loss"],
@@ -161,7 +164,8 @@ def main():
         "train": train_config.__dict__,
         "history": history,
     }
-    rows = [["ours: GPTCausalLM (keras fit)", f"{val_loss:.4f}", f"{full_val_loss:.4f}",
+    rows = [["ours: GPTCausalLM (keras fit)",
+             f"{val_loss:.4f} +-{history[-1]['val_loss_stderr']:.3f}", f"{full_val_loss:.4f}",
              f"{TARGET_VAL_LOSS:.2f}", "yes" if result["meets_target"] else "NO",
              steps_done, f"{wall_time:.1f}", f"{result['ms_per_step']:.1f}"]]
     print(benchlib.format_table(

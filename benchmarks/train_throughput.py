@@ -243,18 +243,20 @@ def run_shape(shape_name, jit_compile, args):
             for i in range(args.warmup_steps):
                 x, y = steps[i % len(steps)]
                 model.train_on_batch(x, y)
-        contenders[name] = dict(model=model, steps=steps, windows=[],
+        contenders[name] = dict(model=model, steps=steps, windows=[], cpu_windows=[],
                                 warmup_s=warmup.seconds, parameters=count_parameters(model),
                                 flops_per_token=model_flops(model, shape),
                                 jit_compile=str(model.jit_compile))
     tokens_per_window = args.window_steps * shape["batch"] * shape["seq"]
     for _ in range(args.windows):
         for name, c in contenders.items():
+            cpu_start = time.process_time()
             with benchlib.Stopwatch() as window:
                 for i in range(args.window_steps):
                     x, y = c["steps"][i % len(c["steps"])]
                     logs = c["model"].train_on_batch(x, y, return_dict=True)
             c["windows"].append(tokens_per_window / window.seconds)
+            c["cpu_windows"].append((time.process_time() - cpu_start) / args.window_steps)
             c["last_loss"] = float(logs["loss"])
     results = []
     for name, c in contenders.items():
@@ -263,6 +265,9 @@ def run_shape(shape_name, jit_compile, args):
             "shape": shape_name, **shape, "model": name, "jit_compile": c["jit_compile"],
             "tokens_per_s": tokens_per_s, "windows_tokens_per_s": c["windows"],
             "step_ms": 1000 * shape["batch"] * shape["seq"] / tokens_per_s,
+            # CPU seconds this process spent per step: on a shared CPU machine the ratio of
+            # these is steadier than wall time (meaningless on GPU).
+            "cpu_ms_per_step": 1000 * benchlib.median(c["cpu_windows"]),
             "warmup_s": c["warmup_s"], "parameters": c["parameters"],
             "flops_per_token": c["flops_per_token"],
             "achieved_tflops": tokens_per_s * c["flops_per_token"] / 1e12,
@@ -301,15 +306,20 @@ def main():
         rival = MODEL_BUILDERS[r["model"]][1]
         other = by_key.get((r["shape"], r["jit_compile"], rival))
         r["speedup_vs_keras_hub"] = r["tokens_per_s"] / other["tokens_per_s"] if other else None
+        r["cpu_time_speedup_vs_keras_hub"] = (
+            other["cpu_ms_per_step"] / r["cpu_ms_per_step"] if other else None)
 
     table = [[r["shape"], r["model"], r["jit_compile"], f"{r['parameters'] / 1e6:.2f}M",
               f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
               f"{r['achieved_tflops'] * 1e3:.1f}", f"{100 * r['mfu']:.3g}%",
               f"{r['speedup_vs_keras_hub']:.2f}x" if r["speedup_vs_keras_hub"] else "",
+              f"{r['cpu_ms_per_step']:.0f}",
+              f"{r['cpu_time_speedup_vs_keras_hub']:.2f}x"
+              if r["cpu_time_speedup_vs_keras_hub"] else "",
               f"{r['warmup_s']:.1f}"] for r in rows]
     print(benchlib.format_table(
         ["shape", "model", "jit", "params", "tokens/s", "ms/step", "GFLOP/s", "MFU",
-         "vs keras-hub", "warmup s"], table))
+         "vs keras-hub", "cpu ms/step", "cpu-time vs keras-hub", "warmup s"], table))
     print("FLOPs/token = 6*N + 12*L*T*D (N: trainable params without the position table; "
           "masked LMs count the MLM head on predicted positions only)")
     name = args.name or ("train_throughput" + ("_quick" if args.quick else ""))
