@@ -319,15 +319,21 @@ class ExportPlan:
 
 
 def model_kind(model):
-    """'gpt' or 'encoder' for a loaded artifact's model."""
+    """'gpt', 'encoder' or 'classifier' for a loaded artifact's model."""
     from keras_llm import models
 
     if isinstance(model, models.GPTCausalLM):
         return "gpt"
     if isinstance(model, (models.BertBackbone, models.BertMaskedLM, models.ElectraPretrainer)):
         return "encoder"
+    try:
+        from keras_llm.tasks import TextClassifier
+    except ImportError:  # fine-tuning tasks not installed
+        TextClassifier = ()
+    if isinstance(model, TextClassifier):
+        return "classifier"
     raise ArtifactError(f"cannot export a {type(model).__name__}: export supports GPT causal "
-                        f"LMs and BERT-family encoders")
+                        f"LMs, BERT-family encoders and text classifiers")
 
 
 def _module(model, tokenizer):
@@ -435,7 +441,73 @@ def encoder_plan(artifact):
                       warmup, checks, tolerance=1e-5)
 
 
-PLANS = {"gpt": gpt_plan, "encoder": encoder_plan}
+def classifier_labels(artifact):
+    """Class names by id: the artifact's `labels.json` (or its metadata's `labels`)."""
+    path = os.path.join(artifact.directory, "labels.json")
+    labels = read_json(path)["labels"] if os.path.isfile(path) else \
+        artifact.metadata.get("labels")
+    if not labels or len(labels) != artifact.model.num_classes:
+        raise ArtifactError(f"{artifact.directory}: classifier without label names for its "
+                            f"{artifact.model.num_classes} classes (labels.json)")
+    return [str(label) for label in labels]
+
+
+def classifier_plan(artifact):
+    """`serving_default(text[, text_pair]) -> probabilities, label, label_id`; the
+    probabilities within 1e-5 of the Keras model fed by the fine-tuning input pipeline."""
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_llm.data.labeled import classification_dataset, packer_for
+    from keras_llm.models import BertBackbone
+
+    model, tokenizer = artifact.model, artifact.tokenizer
+    labels = classifier_labels(artifact)
+    max_seq_len = artifact.config.data.seq_len  # fine-tuning stores its --max-seq-len here
+    columns = artifact.metadata.get("columns") or {}
+    pairs = bool(columns.get("text_pair"))
+    layout = "encoder" if isinstance(model.backbone, BertBackbone) else "decoder"
+    packer = packer_for(tokenizer, max_seq_len, layout)
+    pad_id = tokenizer.special_token_ids()["pad"]
+    module = _module(model, tokenizer)
+    module.labels = tf.constant(labels)
+
+    def classify(*texts):
+        segments = tuple(tokenize_in_graph(tokenizer, module.tokenizer, t) for t in texts)
+        token_ids, segment_ids = packer(segments)
+        logits = model({"token_ids": token_ids, "segment_ids": segment_ids,
+                        "padding_mask": tf.not_equal(token_ids, pad_id)}, training=False)
+        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        label_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+        return {"probabilities": probabilities, "label_id": label_id,
+                "label": tf.gather(module.labels, label_id)}
+
+    specs = [tf.TensorSpec([None], tf.string, name="text")]
+    if pairs:
+        specs.append(tf.TensorSpec([None], tf.string, name="text_pair"))
+        module.classify = tf.function(lambda text, text_pair: classify(text, text_pair),
+                                      input_signature=specs)
+    else:
+        module.classify = tf.function(lambda text: classify(text), input_signature=specs)
+    concrete = module.classify.get_concrete_function()
+    texts = list(SAMPLE_TEXTS)
+    text_pairs = list(reversed(SAMPLE_TEXTS)) if pairs else None
+    dataset = classification_dataset(texts, None, tokenizer, max_seq_len, len(texts), layout,
+                                     text_pairs=text_pairs)
+    logits = np.concatenate([np.asarray(model(features, training=False), "float32")
+                             for features in dataset])
+    probabilities = np.asarray(tf.nn.softmax(logits, axis=-1))
+    label_ids = probabilities.argmax(axis=-1)
+    inputs = {"text": texts, **({"text_pair": text_pairs} if pairs else {})}
+    checks = [(_call("serving_default", **inputs),
+               {"probabilities": probabilities.tolist(), "label_id": label_ids.tolist()})]
+    warmup = [("serving_default", {name: tf.constant(value, tf.string)
+                                   for name, value in inputs.items()})]
+    return ExportPlan("classifier", module, {"serving_default": concrete}, warmup, checks,
+                      tolerance=1e-5)
+
+
+PLANS = {"gpt": gpt_plan, "encoder": encoder_plan, "classifier": classifier_plan}
 
 
 def check_outputs(plan, answer, where):

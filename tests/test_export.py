@@ -378,3 +378,52 @@ def test_encoder_export_embeds_like_the_keras_model(bert_artifact):
     expected = backbone({"token_ids": token_ids, "padding_mask": token_ids != 0,
                          "segment_ids": np.zeros_like(token_ids)})["pooled_output"]
     np.testing.assert_allclose(pooled, np.asarray(expected), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_classifier_export_serves_probabilities_and_labels(tmp_path):
+    pytest.importorskip("keras_llm.tasks")
+    pytest.importorskip("keras_llm.data.labeled")
+    import keras
+
+    from keras_llm.artifacts import make_metadata, save_model_artifact
+    from keras_llm.config import load_config
+    from keras_llm.data.tokenizers import train_tokenizer
+    from keras_llm.models import GPTBackbone
+    from keras_llm.tasks import TextClassifier
+
+    keras.utils.set_random_seed(5)
+    tokenizer = train_tokenizer("bpe", [WORDS, "Open a file."] * 20, 280)
+    config = load_config("gpt-tiny", overrides={
+        "model.num_layers": 1, "model.hidden_size": 16, "model.num_heads": 2,
+        "model.intermediate_size": 32, "model.max_length": 24, "data.seq_len": 12})
+    backbone = GPTBackbone.from_model_config(config.model, tokenizer.vocabulary_size())
+    classifier = TextClassifier(backbone, num_classes=3)
+    classifier({"token_ids": np.ones((1, 12), "int32"), "padding_mask": np.ones((1, 12), bool)})
+    # Larger head weights so the classes differ clearly (an untrained head is near-uniform).
+    kernel = classifier.output_layer.kernel
+    kernel.assign(np.random.default_rng(0).normal(0, 1, kernel.shape).astype("float32"))
+    model_dir = str(tmp_path / "classifier")
+    save_model_artifact(model_dir, classifier, tokenizer, config, {}, make_metadata(
+        "keras_llm.FinetunedModel", config,
+        extra={"labels": ["files", "text", "numbers"],
+               "columns": {"text": "text", "text_pair": "pair", "label": "label"}}))
+    version_dir = export_lib.export(model_dir, str(tmp_path / "exports"))  # within 1e-5
+    loaded = tf.saved_model.load(version_dir)
+    function = loaded.signatures["serving_default"]
+    assert sorted(function.structured_input_signature[1]) == ["text", "text_pair"]
+    texts, pairs = ["the quick brown fox " * 8, "Open a file."], ["lazy dog", ""]
+    outputs = function(text=tf.constant(texts), text_pair=tf.constant(pairs))
+    probabilities = outputs["probabilities"].numpy()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
+    assert outputs["label_id"].numpy().tolist() == probabilities.argmax(axis=1).tolist()
+    names = np.array(["files", "text", "numbers"])
+    assert [v.decode() for v in outputs["label"].numpy()] == \
+        names[probabilities.argmax(axis=1)].tolist()
+    # The same texts through the fine-tuning pipeline and the Keras model.
+    from keras_llm.data.labeled import classification_dataset
+
+    features = next(iter(classification_dataset(texts, None, tokenizer, 12, 2, "decoder",
+                                                text_pairs=pairs)))
+    expected = keras.ops.softmax(classifier(features, training=False)).numpy()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
