@@ -174,12 +174,14 @@ def train_tokenizer_command(kind, data, text_field, vocab_size, lowercase, outpu
 
 def _attach_subcommands():
     from keras_llm.commands_export import export
+    from keras_llm.commands_tune import tune
     from keras_llm.pipeline.cli import pipeline
     from keras_llm.serving.cli import serve_command
 
     main.add_command(pipeline)
     main.add_command(serve_command)
     main.add_command(export)
+    main.add_command(tune)
 
 
 _attach_subcommands()

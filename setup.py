@@ -32,6 +32,7 @@ setup(
         "tensorboard==2.21.*",
         "tensorflow-datasets==4.9.*",
         "keras-tuner==1.4.*",
+        "scikit-learn>=1.3,<2",  # KerasTuner's Bayesian optimization (keras-llm tune)
         "click==8.*",
         "pyyaml>=6,<7",
     ],
