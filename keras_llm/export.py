@@ -12,15 +12,19 @@ version number by default; an existing version is never overwritten):
 
 Signatures take raw strings; the tokenizer runs inside the graph:
 
-    GPT         generate(prompt: string[b], max_new_tokens: int32, temperature: float32,
-                         top_k: int32) -> text: string[b]        (also `serving_default`)
-                The decoding loop (a `tf.while_loop` over `call_with_cache`, KV cache
-                included) is in the graph; `top_k <= 1` or `temperature <= 0` is greedy.
-    encoders    embed(text: string[b]) -> pooled: float32[b, hidden]  (also `serving_default`)
+    GPT, seq2seq  generate(prompt: string[b], max_new_tokens: int32, temperature: float32,
+                           top_k: int32) -> text: string[b]            (= serving_default)
+                  The decoding loop (a `tf.while_loop` over the model's `call_with_cache`,
+                  KV cache included) runs in the graph; `top_k <= 1` or `temperature <= 0`
+                  is greedy, otherwise a sample from the top_k tokens at that temperature.
+    classifiers   serving_default(text: string[b][, text_pair: string[b]]) ->
+                  probabilities: float32[b, classes], label: string[b], label_id: int32[b]
+    encoders      embed(text: string[b]) -> pooled: float32[b, hidden]  (= serving_default)
 
 The version is written to a hidden temporary directory under `output`, reloaded in a
 subprocess that imports only TensorFlow and TensorFlow Text (never keras-llm), and its
-outputs compared with the Keras model's (greedy generation must equal `TextGenerator`'s);
+outputs compared with the Keras model's (greedy generation must equal the in-process
+generator's exactly, probabilities and vectors agree within 1e-5);
 only then is it renamed to `output/<version>`. Any mismatch raises `ArtifactError` and
 leaves no version behind.
 
@@ -124,25 +128,74 @@ def choose_tokens(logits, temperature, top_k):
     return tf.where((top_k <= 1) | (temperature <= 0.0), greedy, sampled)
 
 
-def generation_function(model, tokenizer, layer):
+def decoding_loop(step, token_ids, prompt_mask, cache, end_id, temperature, top_k):
+    """Fills `token_ids` `(batch, length)` after each prompt (`prompt_mask` True on prompt
+    tokens, which are kept) with a `tf.while_loop`, as keras-hub's samplers do:
+    `step(previous_ids (batch, 1), cache, index) -> (logits (batch, 1, vocab), cache)` is the
+    model's KV-cached step; the loop ends when every row has a new end token."""
+    import tensorflow as tf
+
+    length = tf.shape(token_ids)[1]
+
+    def unfinished(token_ids, cache, index):
+        ended = tf.reduce_any((token_ids == end_id) & ~prompt_mask, axis=-1)
+        return ~tf.reduce_all(ended)
+
+    def body(token_ids, cache, index):
+        logits, cache = step(token_ids[:, index - 1:index], cache, index - 1)
+        chosen = choose_tokens(logits[:, 0, :], temperature, top_k)
+        chosen = tf.where(prompt_mask[:, index], token_ids[:, index], chosen)
+        column = tf.one_hot(index, length, on_value=True, off_value=False)
+        return tf.where(column[None, :], chosen[:, None], token_ids), cache, index + 1
+
+    start = tf.reduce_min(tf.reduce_sum(tf.cast(prompt_mask, tf.int32), axis=1))
+    token_ids, _, _ = tf.while_loop(unfinished, body, (token_ids, cache, start),
+                                    maximum_iterations=length - start)
+    return token_ids
+
+
+def continuation_text(layer, tokenizer, token_ids, starts, max_new_tokens):
+    """Text of each row's `max_new_tokens` ids from `starts`, cut at the first end token,
+    special tokens dropped (as the generators and `Tokenizer.decode` do)."""
+    import tensorflow as tf
+
+    specials = tokenizer.special_token_ids()
+    special_ids = tf.constant(sorted(set(specials.values())), tf.int32)
+    position = tf.range(tf.shape(token_ids)[1])[None, :]
+    window = (position >= starts[:, None]) & (position < starts[:, None] + max_new_tokens)
+    ended = tf.math.cumsum(tf.cast(window & (token_ids == specials["eos"]), tf.int32),
+                           axis=1) > 0
+    special = tf.reduce_any(token_ids[..., None] == special_ids, axis=-1)
+    text = layer.detokenize(tf.ragged.boolean_mask(token_ids, window & ~ended & ~special))
+    return tf.reshape(tf.cast(text, tf.string), [-1])
+
+
+def check_max_new_tokens(max_new_tokens, max_length):
+    import tensorflow as tf
+
+    tf.debugging.assert_greater_equal(max_new_tokens, 1, message="max_new_tokens must be >= 1")
+    tf.debugging.assert_less(
+        max_new_tokens, max_length,
+        message=f"max_new_tokens must be below the model's context length ({max_length})")
+
+
+def gpt_generation(model, tokenizer, layer):
     """`generate(prompt, max_new_tokens, temperature, top_k) -> {"text"}` for a GPTCausalLM,
-    the same prompt handling and loop as `keras_llm.generation.TextGenerator` (each prompt
-    starts after an end-of-document token; the newest tokens are kept when prompt plus
-    continuation exceed the context; a continuation ends at the first end token)."""
+    with `keras_llm.generation.TextGenerator`'s prompt handling: each prompt starts after an
+    end-of-document token, and the newest tokens are kept when prompt plus continuation
+    exceed the context."""
     import tensorflow as tf
 
     backbone = model.backbone
     max_length = backbone.max_length
-    specials = tokenizer.special_token_ids()
-    end_id = specials["eos"]
-    special_ids = tf.constant(sorted(set(specials.values())), tf.int32)
+    end_id = tokenizer.special_token_ids()["eos"]
+
+    def step(previous, cache, index):
+        logits, _, cache = model.call_with_cache(previous, cache, index)
+        return logits, cache
 
     def generate(prompt, max_new_tokens, temperature, top_k):
-        tf.debugging.assert_greater_equal(
-            max_new_tokens, 1, message="max_new_tokens must be >= 1")
-        tf.debugging.assert_less(
-            max_new_tokens, max_length,
-            message=f"max_new_tokens must be below the model's context length ({max_length})")
+        check_max_new_tokens(max_new_tokens, max_length)
         ids = tokenize_in_graph(tokenizer, layer, prompt)
         batch_size = ids.nrows(out_type=tf.int32)
         ids = tf.concat([tf.fill([batch_size, 1], end_id), ids], axis=1)
@@ -152,41 +205,50 @@ def generation_function(model, tokenizer, layer):
         length = tf.minimum(max_length, tf.reduce_max(prompt_lengths) + max_new_tokens)
         token_ids = ids.to_tensor(default_value=0,
                                   shape=tf.cast(tf.stack([batch_size, length]), tf.int64))
-        prompt_mask = tf.sequence_mask(prompt_lengths, length)
-
         # Prefill over the whole padded block; positions past a prompt hold garbage that each
         # step overwrites before it is attended to (as GPTCausalLM.generate_step).
-        cache = backbone.empty_cache(batch_size, length)
-        _, _, cache = model.call_with_cache(token_ids, cache, 0)
+        _, cache = step(token_ids, backbone.empty_cache(batch_size, length), 0)
+        token_ids = decoding_loop(step, token_ids, tf.sequence_mask(prompt_lengths, length),
+                                  cache, end_id, temperature, top_k)
+        return {"text": continuation_text(layer, tokenizer, token_ids, prompt_lengths,
+                                          max_new_tokens)}
 
-        def unfinished(token_ids, cache, index):
-            ended = tf.reduce_any((token_ids == end_id) & ~prompt_mask, axis=-1)
-            return ~tf.reduce_all(ended)
+    return generate
 
-        def step(token_ids, cache, index):
-            logits, _, cache = model.call_with_cache(token_ids[:, index - 1:index], cache,
-                                                     index - 1)
-            chosen = choose_tokens(logits[:, 0, :], temperature, top_k)
-            chosen = tf.where(prompt_mask[:, index], token_ids[:, index], chosen)
-            column = tf.one_hot(index, length, on_value=True, off_value=False)
-            token_ids = tf.where(column[None, :], chosen[:, None], token_ids)
-            return token_ids, cache, index + 1
 
-        start = tf.reduce_min(prompt_lengths)
-        token_ids, _, _ = tf.while_loop(
-            unfinished, step, (token_ids, cache, start),
-            maximum_iterations=length - start)
+def seq2seq_generation(model, tokenizer, layer):
+    """`generate(prompt, max_new_tokens, temperature, top_k) -> {"text"}` for a Seq2SeqLM,
+    with `keras_llm.generation.Seq2SeqGenerator`'s layout: the encoder reads the source and
+    `[EOS]`, the decoder starts from `[CLS]`."""
+    import tensorflow as tf
 
-        # Each row's continuation: max_new_tokens after its prompt, cut at the first end token,
-        # special tokens dropped (as TextGenerator and Tokenizer.decode).
-        position = tf.range(length)[None, :]
-        window = ((position >= prompt_lengths[:, None]) &
-                  (position < prompt_lengths[:, None] + max_new_tokens))
-        ended = tf.math.cumsum(tf.cast(window & (token_ids == end_id), tf.int32), axis=1) > 0
-        special = tf.reduce_any(token_ids[..., None] == special_ids, axis=-1)
-        new = tf.ragged.boolean_mask(token_ids, window & ~ended & ~special)
-        text = layer.detokenize(new)
-        return {"text": tf.reshape(tf.cast(text, tf.string), [-1])}
+    backbone = model.backbone
+    max_length = backbone.max_length
+    specials = tokenizer.special_token_ids()
+
+    def generate(prompt, max_new_tokens, temperature, top_k):
+        check_max_new_tokens(max_new_tokens, max_length)
+        ids = tokenize_in_graph(tokenizer, layer, prompt)[:, :max_length - 1]
+        batch_size = ids.nrows(out_type=tf.int32)
+        ids = tf.concat([ids, tf.fill([batch_size, 1], specials["eos"])], axis=1)
+        encoder_ids = ids.to_tensor(default_value=specials["pad"])
+        encoder_mask = tf.sequence_mask(ids.row_lengths(), tf.shape(encoder_ids)[1])
+        cross_cache = backbone.cross_attention_cache(backbone.encode(encoder_ids, encoder_mask))
+
+        def step(previous, cache, index):
+            logits, _, cache = model.call_with_cache(previous, cache, index, cross_cache,
+                                                     encoder_mask)
+            return logits, cache
+
+        length = tf.minimum(max_length, max_new_tokens + 1)
+        first = tf.one_hot(tf.zeros([batch_size], tf.int32), length, on_value=True,
+                           off_value=False)
+        token_ids = tf.where(first, specials["cls"], specials["pad"])
+        _, cache = step(token_ids, backbone.empty_cache(batch_size, length), 0)
+        token_ids = decoding_loop(step, token_ids, first, cache, specials["eos"], temperature,
+                                  top_k)
+        return {"text": continuation_text(layer, tokenizer, token_ids,
+                                          tf.ones([batch_size], tf.int32), max_new_tokens)}
 
     return generate
 
@@ -319,11 +381,13 @@ class ExportPlan:
 
 
 def model_kind(model):
-    """'gpt', 'encoder' or 'classifier' for a loaded artifact's model."""
+    """'gpt', 'seq2seq', 'encoder' or 'classifier' for a loaded artifact's model."""
     from keras_llm import models
 
     if isinstance(model, models.GPTCausalLM):
         return "gpt"
+    if isinstance(model, models.Seq2SeqLM):
+        return "seq2seq"
     if isinstance(model, (models.BertBackbone, models.BertMaskedLM, models.ElectraPretrainer)):
         return "encoder"
     try:
@@ -333,7 +397,7 @@ def model_kind(model):
     if isinstance(model, TextClassifier):
         return "classifier"
     raise ArtifactError(f"cannot export a {type(model).__name__}: export supports GPT causal "
-                        f"LMs, BERT-family encoders and text classifiers")
+                        f"LMs, seq2seq models, BERT-family encoders and text classifiers")
 
 
 def _module(model, tokenizer):
@@ -354,23 +418,32 @@ def _call(signature, **inputs):
         for name, value in inputs.items()}}
 
 
-def gpt_plan(artifact):
-    """`generate` (= `serving_default`); greedy output must equal `TextGenerator`'s."""
+GENERATION_SIGNATURE = (("prompt", "string", [None]), ("max_new_tokens", "int32", []),
+                        ("temperature", "float32", []), ("top_k", "int32", []))
+
+
+def generator_plan(artifact):
+    """`generate` (= `serving_default`) for GPT and seq2seq models; greedy output must equal
+    the in-process generator's (`keras_llm.generation`)."""
     import tensorflow as tf
 
-    from keras_llm.generation import TextGenerator
+    from keras_llm import models
 
+    seq2seq = isinstance(artifact.model, models.Seq2SeqLM)
+    if seq2seq:
+        from keras_llm.generation import Seq2SeqGenerator as Generator
+    else:
+        from keras_llm.generation import TextGenerator as Generator
     module = _module(artifact.model, artifact.tokenizer)
+    make = seq2seq_generation if seq2seq else gpt_generation
     module.generate = tf.function(
-        generation_function(artifact.model, artifact.tokenizer, module.tokenizer),
-        input_signature=[tf.TensorSpec([None], tf.string, name="prompt"),
-                         tf.TensorSpec([], tf.int32, name="max_new_tokens"),
-                         tf.TensorSpec([], tf.float32, name="temperature"),
-                         tf.TensorSpec([], tf.int32, name="top_k")])
+        make(artifact.model, artifact.tokenizer, module.tokenizer),
+        input_signature=[tf.TensorSpec(shape, dtype, name=name)
+                         for name, dtype, shape in GENERATION_SIGNATURE])
     generate = module.generate.get_concrete_function()
     max_new_tokens = min(8, artifact.model.backbone.max_length - 1)
     prompts = list(SAMPLE_PROMPTS)
-    greedy = TextGenerator(artifact.model, artifact.tokenizer).generate(
+    greedy = Generator(artifact.model, artifact.tokenizer).generate(
         prompts, max_new_tokens=max_new_tokens, sampler="greedy")
     checks = [
         (_call("generate", prompt=prompts, max_new_tokens=max_new_tokens, temperature=0.0,
@@ -383,8 +456,8 @@ def gpt_plan(artifact):
                       "temperature": tf.constant(0.0, tf.float32),
                       "top_k": tf.constant(1, tf.int32)})
               for name in ("serving_default", "generate")]
-    return ExportPlan("gpt", module, {"generate": generate, "serving_default": generate},
-                      warmup, checks)
+    return ExportPlan("seq2seq" if seq2seq else "gpt", module,
+                      {"generate": generate, "serving_default": generate}, warmup, checks)
 
 
 def encoder_backbone(model):
@@ -507,7 +580,8 @@ def classifier_plan(artifact):
                       tolerance=1e-5)
 
 
-PLANS = {"gpt": gpt_plan, "encoder": encoder_plan, "classifier": classifier_plan}
+PLANS = {"gpt": generator_plan, "seq2seq": generator_plan, "encoder": encoder_plan,
+         "classifier": classifier_plan}
 
 
 def check_outputs(plan, answer, where):

@@ -427,3 +427,42 @@ def test_classifier_export_serves_probabilities_and_labels(tmp_path):
                                                 text_pairs=pairs)))
     expected = keras.ops.softmax(classifier(features, training=False)).numpy()
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_seq2seq_export_generates_like_the_keras_model(tmp_path):
+    from keras_llm import generation
+
+    if not hasattr(generation, "Seq2SeqGenerator"):
+        pytest.skip("keras_llm.generation has no Seq2SeqGenerator yet")
+    import keras
+
+    from keras_llm.artifacts import make_metadata, save_model_artifact
+    from keras_llm.config import load_config
+    from keras_llm.data.tokenizers import train_tokenizer
+    from keras_llm.models import Seq2SeqBackbone, Seq2SeqLM
+
+    keras.utils.set_random_seed(7)
+    tokenizer = train_tokenizer("sentencepiece", [WORDS, "Open a file."] * 20, 60)
+    config = load_config("seq2seq-tiny", overrides={
+        "model.num_layers": 1, "model.num_decoder_layers": 1, "model.hidden_size": 16,
+        "model.num_heads": 2, "model.intermediate_size": 32, "model.max_length": 16,
+        "data.seq_len": 16})
+    backbone = Seq2SeqBackbone.from_model_config(
+        config.model, tokenizer.vocabulary_size(), tokenizer.special_token_ids())
+    model = Seq2SeqLM(backbone)
+    ones = np.ones((1, 4), "int32")
+    model({"encoder_token_ids": ones, "encoder_padding_mask": ones > 0,
+           "decoder_token_ids": ones, "decoder_padding_mask": ones > 0})
+    model_dir = str(tmp_path / "seq2seq")
+    save_model_artifact(model_dir, model, tokenizer, config, {},
+                        make_metadata("keras_llm.PretrainedModel", config))
+    version_dir = export_lib.export(model_dir, str(tmp_path / "exports"))  # validated
+    generate = tf.saved_model.load(version_dir).signatures["generate"]
+    sources = ["the quick brown fox " * 6, "lazy dog"]
+    texts = generate(prompt=tf.constant(sources), max_new_tokens=tf.constant(5),
+                     temperature=tf.constant(0.0), top_k=tf.constant(1))["text"].numpy()
+    expected = generation.Seq2SeqGenerator(model, tokenizer).generate(
+        sources, max_new_tokens=5, sampler="greedy")
+    assert [t.decode("utf-8", "replace") for t in texts] == [str(t) for t in expected]
+    assert all(expected)  # a real continuation, not an immediate end token
