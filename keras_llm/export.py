@@ -46,6 +46,7 @@ import tempfile
 
 from keras_llm.artifacts import (
     METADATA_FILE,
+    MODEL_FILE,
     is_complete,
     load_model_artifact,
     make_metadata,
@@ -62,6 +63,7 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 SAMPLE_PROMPTS = ("", "def", "Return the number of items in a list.")
 SAMPLE_TEXTS = ("Return the number of items in a list.", "Open a file for reading.")
 VALIDATION_TIMEOUT_S = 600
+BEST_MODEL_LINK = "best_model"  # a tuning result's link to its best trial's model artifact
 
 
 # ---------------------------------------------------------------------------- versions
@@ -624,7 +626,8 @@ def export(model_dir, output, version=None, validate=True):
     """Exports the model artifact `model_dir` to `output/<version>`; returns that path.
 
     Args:
-        model_dir: a keras-llm model artifact (pretrained or fine-tuned).
+        model_dir: a keras-llm model artifact (pretrained or fine-tuned), or a tuning
+            result (its `best_model` is exported).
         output: the export base directory (created if missing), TF Serving's model base
             path; its versions are numeric subdirectories.
         version: the version number; default: one more than the newest under `output`.
@@ -633,7 +636,7 @@ def export(model_dir, output, version=None, validate=True):
             its outputs with the Keras model's before publishing the version.
     """
     check_version_free(output, version)
-    artifact = load_model_artifact(model_dir)
+    artifact = load_model_artifact(resolve_model_dir(model_dir))
     plan = PLANS[model_kind(artifact.model)](artifact)
     version_dir = write_version(plan, output, version, validate=validate,
                                 record=lambda v: export_record(artifact, plan, v),
@@ -642,6 +645,14 @@ def export(model_dir, output, version=None, validate=True):
         os.path.basename(version_dir))))
     logger.info("exported %s (%s) to %s", model_dir, plan.kind, version_dir)
     return version_dir
+
+
+def resolve_model_dir(model_dir):
+    """The model artifact behind `model_dir`: itself, or a tuning result's `best_model`."""
+    best = os.path.join(model_dir, BEST_MODEL_LINK)
+    if not os.path.exists(os.path.join(model_dir, MODEL_FILE)) and is_complete(best):
+        return best
+    return model_dir
 
 
 def check_version_free(output, version):

@@ -107,6 +107,16 @@ def test_next_version_counts_numeric_directories_only(tmp_path):
     assert export_lib.next_version(str(tmp_path)) == 4
 
 
+def test_a_tuning_result_exports_its_best_model(tmp_path):
+    (tmp_path / "trial_1").mkdir()
+    (tmp_path / "trial_1" / "metadata.json").write_text("{}")
+    (tmp_path / "tune").mkdir()
+    os.symlink("../trial_1", tmp_path / "tune" / "best_model")
+    assert export_lib.resolve_model_dir(str(tmp_path / "tune")) == \
+        str(tmp_path / "tune" / "best_model")
+    assert export_lib.resolve_model_dir(str(tmp_path / "trial_1")) == str(tmp_path / "trial_1")
+
+
 def test_choose_tokens_greedy_and_top_k():
     logits = tf.constant([[0.0, 3.0, 2.9, -5.0]] * 4000)
     greedy = export_lib.choose_tokens(logits, tf.constant(1.0), tf.constant(1))

@@ -1,0 +1,229 @@
+"""Greedy generation speed: new tokens/s and time to first token, batch 1 and batch 8.
+
+Contenders, same weight shapes, same prompts, all greedy, in one run:
+
+    ours            GPTCausalLM.generate_step (KV cache) compiled with tf.function, token ids in
+    keras_hub_gpt2  keras_hub GPT2CausalLM.generate (its own compiled KV-cached loop), token
+                    ids in, `preprocessor=None`, `stop_token_ids=None`
+    ours_text       keras_llm.generation.TextGenerator: strings in, strings out (tokenize,
+                    pad, the same compiled loop, detokenize)
+    exported        the `generate` signature of `keras-llm export`'s SavedModel, loaded with
+                    tf.saved_model.load: strings in, strings out, everything in the graph
+
+`exported` is compared with `ours_text` (both text -> text), `ours` with `keras_hub_gpt2`.
+Time to first token is the latency of a call that generates one token (prefill + one step);
+new tokens/s is batch * new tokens / latency of the full call. Weights are random: the end
+token's embedding row is zeroed so that no text path stops early (every call generates
+exactly `--new-tokens` tokens; checked).
+
+    python benchmarks/generate_speed.py            # gpt-tiny shape, 32 prompt + 64 new tokens
+    python benchmarks/generate_speed.py --quick    # a smoke run; numbers are not meaningful
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+
+SHAPES = {  # gpt-tiny and gpt-small (configs/), and a toy shape for --quick
+    "quick": dict(vocab=512, layers=1, heads=2, width=32, max_length=32),
+    "tiny": dict(vocab=4096, layers=4, heads=4, width=128, max_length=128),
+    "small": dict(vocab=8192, layers=12, heads=12, width=768, max_length=512),
+}
+CONTENDERS = ("ours", "keras_hub_gpt2", "ours_text", "exported")
+BASELINE = {"ours": "keras_hub_gpt2", "exported": "ours_text"}
+WORDS = ("return the value of a list string number file open read write close object "
+         "class function module name path data type error default").split()
+
+
+def synthetic_texts(count, seed):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, 30)) for _ in range(count)]
+
+
+def build_artifact(directory, shape, seed):
+    """A model artifact with random GPT weights and a BPE tokenizer; the end token's
+    embedding row zeroed (its logit is 0 while the best of the others is > 0)."""
+    import keras
+
+    from keras_llm.artifacts import make_metadata, save_model_artifact
+    from keras_llm.config import load_config
+    from keras_llm.data.tokenizers import train_tokenizer
+    from keras_llm.models import GPTBackbone, GPTCausalLM
+
+    keras.utils.set_random_seed(seed)
+    tokenizer = train_tokenizer("bpe", synthetic_texts(400, seed), shape["vocab"])
+    config = load_config("gpt-tiny", overrides={
+        "model.vocab_size": shape["vocab"], "model.num_layers": shape["layers"],
+        "model.num_heads": shape["heads"], "model.hidden_size": shape["width"],
+        "model.intermediate_size": 4 * shape["width"], "model.max_length": shape["max_length"],
+        "data.seq_len": shape["max_length"]})
+    # The model's vocabulary is the shape's, even if the tokenizer learned fewer tokens.
+    model = GPTCausalLM(GPTBackbone.from_model_config(config.model, shape["vocab"]))
+    model(np.ones((1, 4), "int32"))
+    embeddings = model.backbone.token_embedding.embeddings
+    values = np.asarray(embeddings)
+    values[tokenizer.special_token_ids()["eos"]] = 0.0
+    embeddings.assign(values)
+    save_model_artifact(directory, model, tokenizer, config, {},
+                        make_metadata("keras_llm.PretrainedModel", config))
+    return model, tokenizer
+
+
+def build_keras_hub(shape):
+    import keras_hub
+
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=shape["vocab"], num_layers=shape["layers"], num_heads=shape["heads"],
+        hidden_dim=shape["width"], intermediate_dim=4 * shape["width"], dropout=0.0,
+        max_sequence_length=shape["max_length"])
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    model.compile(sampler="greedy")
+    return model
+
+
+def time_call(call, repeats):
+    """Median seconds of `call()` after one warm-up call (tracing, compilation)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        with benchlib.Stopwatch() as watch:
+            call()
+        times.append(watch.seconds)
+    return benchlib.median(times)
+
+
+def contenders(model, tokenizer, keras_hub_model, loaded, prompts, prompt_ids):
+    """`{name: make(new_tokens) -> call}`; every call generates `new_tokens` per prompt."""
+    import keras_hub
+    import tensorflow as tf
+
+    from keras_llm.generation import TextGenerator
+
+    generator = TextGenerator(model, tokenizer)
+    width = len(prompt_ids[0])
+    batch = len(prompt_ids)
+    greedy = keras_hub.samplers.GreedySampler()
+    step = tf.function(lambda ids, mask: model.generate_step(ids, mask, greedy))
+    generate = loaded.signatures["generate"]
+
+    def token_inputs(new_tokens):
+        ids = np.zeros((batch, width + new_tokens), "int32")
+        ids[:, :width] = prompt_ids
+        mask = np.zeros_like(ids, bool)
+        mask[:, :width] = True
+        return ids, mask
+
+    def ours(new_tokens):
+        ids, mask = token_inputs(new_tokens)
+        return lambda: step(ids, mask).numpy()
+
+    def keras_hub_gpt2(new_tokens):
+        ids, mask = token_inputs(new_tokens)
+        return lambda: keras_hub_model.generate({"token_ids": ids, "padding_mask": mask},
+                                                stop_token_ids=None)
+
+    def ours_text(new_tokens):
+        return lambda: generator.generate(prompts, max_new_tokens=new_tokens, sampler="greedy")
+
+    def exported(new_tokens):
+        inputs = dict(prompt=tf.constant(prompts), max_new_tokens=tf.constant(new_tokens),
+                      temperature=tf.constant(0.0), top_k=tf.constant(1))
+        return lambda: generate(**inputs)["text"].numpy()
+
+    return {"ours": ours, "keras_hub_gpt2": keras_hub_gpt2, "ours_text": ours_text,
+            "exported": exported}
+
+
+def prompts_of(tokenizer, count, prompt_tokens, seed):
+    """`count` texts of exactly `prompt_tokens` tokens, and their ids as TextGenerator feeds
+    them (after an end-of-document token)."""
+    texts, ids = [], []
+    for text in synthetic_texts(count * 4, seed + 1):
+        tokens = tokenizer.encode([text])[0][:prompt_tokens - 1]
+        decoded = tokenizer.decode(tokens)
+        if tokenizer.encode([decoded])[0] == tokens and len(tokens) == prompt_tokens - 1:
+            texts.append(decoded)
+            ids.append([tokenizer.special_token_ids()["eos"]] + tokens)
+        if len(texts) == count:
+            return texts, np.asarray(ids, "int32")
+    benchlib.fail("could not build prompts that round-trip through the tokenizer")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    benchlib.add_common_arguments(parser)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = benchlib.start(parser)
+    if args.quick:
+        args.shape, args.prompt_tokens, args.new_tokens, args.repeats = "quick", 6, 4, 1
+    shape = SHAPES[args.shape]
+    if args.prompt_tokens + args.new_tokens > shape["max_length"]:
+        benchlib.fail(f"--prompt-tokens + --new-tokens must fit the context "
+                      f"({shape['max_length']})")
+
+    import tensorflow as tf
+
+    from keras_llm.export import export
+    from keras_llm.generation import TextGenerator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = build_artifact(os.path.join(tmp, "model"), shape, args.seed)
+        version_dir = export(os.path.join(tmp, "model"), os.path.join(tmp, "exports"),
+                             validate=False)
+        loaded = tf.saved_model.load(version_dir)
+        keras_hub_model = build_keras_hub(shape)
+        rows, results = [], []
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            prompts, prompt_ids = prompts_of(tokenizer, batch, args.prompt_tokens, args.seed)
+            generated = TextGenerator(model, tokenizer).generate_ids(
+                [row[1:].tolist() for row in prompt_ids], args.new_tokens,
+                TextGenerator(model, tokenizer).step_function(name="greedy"))
+            if any(len(ids) != args.new_tokens for ids in generated):
+                benchlib.fail("a text path stopped early at an end token")
+            # The export is the same computation: its text must equal the in-process text.
+            exported_text = loaded.signatures["generate"](
+                prompt=tf.constant(prompts), max_new_tokens=tf.constant(args.new_tokens),
+                temperature=tf.constant(0.0), top_k=tf.constant(1))["text"].numpy()
+            in_process = TextGenerator(model, tokenizer).generate(
+                prompts, max_new_tokens=args.new_tokens, sampler="greedy")
+            if [t.decode("utf-8", "replace") for t in exported_text] != \
+                    [str(t) for t in in_process]:
+                benchlib.fail("the exported model's greedy text differs from TextGenerator's")
+            makers = contenders(model, tokenizer, keras_hub_model, loaded, prompts, prompt_ids)
+            measured = {}
+            for name in CONTENDERS:
+                full = time_call(makers[name](args.new_tokens), args.repeats)
+                first = time_call(makers[name](1), args.repeats)
+                measured[name] = {
+                    "batch_size": batch, "contender": name,
+                    "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                    "seconds": full, "time_to_first_token_s": first,
+                    "new_tokens_per_s": batch * args.new_tokens / full}
+            for name, record in measured.items():
+                baseline = measured.get(BASELINE.get(name))
+                record["speedup_vs"] = BASELINE.get(name)
+                record["speedup"] = (record["new_tokens_per_s"] / baseline["new_tokens_per_s"]
+                                     if baseline else None)
+                results.append(record)
+                rows.append([batch, name, f"{record['new_tokens_per_s']:.1f}",
+                             f"{1000 * record['time_to_first_token_s']:.1f}",
+                             f"{record['speedup']:.2f}x vs {record['speedup_vs']}"
+                             if baseline else ""])
+    print(benchlib.format_table(
+        ["batch", "contender", "new tokens/s", "first token ms", "ratio"], rows))
+    name = "generate_speed_quick" if args.quick else "generate_speed"
+    path = benchlib.write_result(name, args, {"shape": shape, "results": results})
+    print(f"wrote {os.path.relpath(path)}")
+
+
+if __name__ == "__main__":
+    main()
