@@ -103,8 +103,9 @@ def pretrain(config_name, data, text_field, tokenizer_path, output_dir, steps, e
 @click.argument("prompts", nargs=-1)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64,
               help="Tokens to generate after each prompt.")
-@click.option("--sampler", type=click.Choice(["greedy", "top_k", "top_p", "random"]),
+@click.option("--sampler", type=click.Choice(["greedy", "top_k", "top_p", "random", "beam"]),
               default="top_p", help="How the next token is chosen.")
+@click.option("--num-beams", type=click.IntRange(min=1), default=4, help="Beams for beam.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0,
               help="Logit temperature (not used by greedy).")
 @click.option("--top-k", type=click.IntRange(min=1), default=50, help="k for --sampler top_k.")
@@ -112,22 +113,26 @@ def pretrain(config_name, data, text_field, tokenizer_path, output_dir, steps, e
               help="p for --sampler top_p.")
 @click.option("--seed", type=int, default=None, help="Sampling seed, for repeatable output.")
 @handle_errors
-def generate(model_dir, prompts, max_new_tokens, sampler, temperature, top_k, top_p, seed):
-    """Continue PROMPTS (or an empty prompt) with the model in MODEL_DIR, using its KV cache."""
+def generate(model_dir, prompts, max_new_tokens, sampler, num_beams, temperature, top_k, top_p,
+             seed):
+    """Continue PROMPTS (or an empty prompt) with the model in MODEL_DIR, using its KV cache;
+    for a seq2seq model, PROMPTS are source texts and the targets are printed."""
     from keras_llm.artifacts import load_model_artifact
-    from keras_llm.generation import TextGenerator
+    from keras_llm.generation import TextGenerator, make_generator
 
     artifact = load_model_artifact(model_dir)
     if max_new_tokens >= artifact.model.backbone.max_length:
         raise click.BadParameter(
             f"must be below the model's context length ({artifact.model.backbone.max_length})",
             param_hint="--max-new-tokens")
-    generator = TextGenerator(artifact.model, artifact.tokenizer)
+    generator = make_generator(artifact.model, artifact.tokenizer)
     prompts = list(prompts) or [""]
     outputs = generator.generate(prompts, max_new_tokens=max_new_tokens, sampler=sampler,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                 num_beams=num_beams)
+    continues = isinstance(generator, TextGenerator)  # seq2seq prints the target alone
     for prompt, output in zip(prompts, outputs):
-        click.echo(prompt + output)
+        click.echo(prompt + output if continues else output)
 
 
 @main.command("configs")
@@ -174,6 +179,7 @@ def train_tokenizer_command(kind, data, text_field, vocab_size, lowercase, outpu
 
 def _attach_subcommands():
     from keras_llm.commands_export import export
+    from keras_llm.commands_finetune import evaluate_command, finetune_command
     from keras_llm.commands_tune import tune
     from keras_llm.pipeline.cli import pipeline
     from keras_llm.serving.cli import serve_command
@@ -182,6 +188,8 @@ def _attach_subcommands():
     main.add_command(serve_command)
     main.add_command(export)
     main.add_command(tune)
+    main.add_command(finetune_command)
+    main.add_command(evaluate_command)
 
 
 _attach_subcommands()

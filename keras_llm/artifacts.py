@@ -137,7 +137,7 @@ def load_model_artifact(model_dir):
     """Loads the model (safe mode), tokenizer, config and records of an artifact directory."""
     import keras
 
-    from keras_llm import models  # noqa: F401  (registers the model classes)
+    from keras_llm import models, tasks  # noqa: F401  (registers the model classes)
     from keras_llm.data.tokenizers import load_tokenizer
 
     if not os.path.isdir(model_dir):

@@ -29,6 +29,9 @@ TASK_FAMILIES = {
     "mlm_nsp": ("bert",),
     "electra": ("electra",),
     "seq2seq_denoising": ("seq2seq",),
+    # Fine-tuning (`keras-llm finetune`, keras_llm/training/finetune.py).
+    "classification": ("gpt", "bert", "roberta", "electra"),
+    "seq2seq": ("seq2seq",),
 }
 
 

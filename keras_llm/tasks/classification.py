@@ -1,0 +1,106 @@
+"""Text classification: a pooled representation of the text -> class logits.
+
+Encoder backbones (BERT, RoBERTa, the ELECTRA discriminator) are read at `[CLS]`: their
+`pooled_output` (the tanh dense layer on the first position, as in BERT's fine-tuning).
+A GPT backbone sees only the past, so its summary of the whole text is the state of the
+last real token ("last", as in GPT-1's classification fine-tuning), or the mean of the
+states of all real tokens ("mean").
+"""
+import keras
+from keras import ops
+
+from keras_llm.models.bert import BertBackbone
+from keras_llm.models.gpt import GPTBackbone
+
+POOLINGS = {"cls": BertBackbone, "last": GPTBackbone, "mean": GPTBackbone}
+
+
+def pool_last_token(hidden, padding_mask):
+    """The state at each row's last True position of `padding_mask` `(batch, hidden)`."""
+    last = ops.sum(ops.cast(padding_mask, "int32"), axis=1) - 1
+    return ops.take_along_axis(hidden, ops.maximum(last, 0)[:, None, None], axis=1)[:, 0]
+
+
+def pool_mean(hidden, padding_mask):
+    """The mean state over the True positions of `padding_mask` `(batch, hidden)`."""
+    weights = ops.cast(padding_mask, hidden.dtype)[..., None]
+    return ops.sum(hidden * weights, axis=1) / ops.maximum(ops.sum(weights, axis=1), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="keras_llm")
+class TextClassifier(keras.Model):
+    """Backbone + pooling + dropout + dense: `{"token_ids", "padding_mask"[, "segment_ids"]}`
+    -> logits `(batch, num_classes)`.
+
+    Train with `SparseCategoricalCrossentropy(from_logits=True)` on batches from
+    `keras_llm.data.labeled.classification_dataset` (layout "encoder" for a `BertBackbone`,
+    "decoder" for a `GPTBackbone`).
+
+    Args:
+        backbone: a `BertBackbone` (BERT, RoBERTa, ELECTRA discriminator) or a `GPTBackbone`.
+        num_classes: number of classes.
+        pooling: "cls" for a `BertBackbone`; "last" (default) or "mean" for a `GPTBackbone`.
+            Defaults to the backbone's natural choice.
+        dropout: dropout before the output layer.
+
+    Example:
+
+    >>> backbone = GPTBackbone(vocabulary_size=50, num_layers=1, num_heads=2,
+    ...                        hidden_size=8, intermediate_size=16, max_length=6)
+    >>> classifier = TextClassifier(backbone, num_classes=3)
+    >>> logits = classifier({"token_ids": keras.ops.ones((2, 6), "int32"),
+    ...                      "padding_mask": keras.ops.ones((2, 6), "bool")})
+    >>> keras.ops.shape(logits)
+    (2, 3)
+    """
+
+    def __init__(self, backbone, num_classes, pooling=None, dropout=0.1, **kwargs):
+        super().__init__(**kwargs)
+        pooling = pooling or ("cls" if isinstance(backbone, BertBackbone) else "last")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        if not isinstance(backbone, POOLINGS[pooling]):
+            raise ValueError(f"pooling {pooling!r} needs a {POOLINGS[pooling].__name__}; got "
+                             f"{type(backbone).__name__}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2; got {num_classes}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.pooling = pooling
+        self.dropout = dropout
+        self.head_dropout = keras.layers.Dropout(dropout)
+        self.output_layer = keras.layers.Dense(
+            num_classes, kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            dtype=backbone.dtype_policy, name="logits")
+
+    def build(self, input_shape):
+        shape = input_shape["token_ids"] if isinstance(input_shape, dict) else input_shape
+        if not self.backbone.built:  # a deserialized backbone arrives built
+            self.backbone.build(input_shape if self.pooling == "cls" else shape)
+        self.output_layer.build((shape[0], self.backbone.hidden_size))
+
+    def pooled(self, inputs, training=None):
+        """The text's vector `(batch, hidden_size)` before the output layer."""
+        if self.pooling == "cls":
+            return self.backbone(inputs, training=training)["pooled_output"]
+        padding_mask = inputs.get("padding_mask")
+        if padding_mask is None:
+            padding_mask = ops.ones_like(inputs["token_ids"], "bool")
+        hidden = self.backbone(inputs["token_ids"], padding_mask, training=training)
+        pool = pool_last_token if self.pooling == "last" else pool_mean
+        return pool(hidden, padding_mask)
+
+    def call(self, inputs, training=None):
+        pooled = self.head_dropout(self.pooled(inputs, training), training=training)
+        return self.output_layer(pooled)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "pooling": self.pooling, "dropout": self.dropout,
+                "backbone": keras.saving.serialize_keras_object(self.backbone)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)

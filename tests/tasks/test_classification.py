@@ -1,0 +1,56 @@
+"""TextClassifier: pooling by backbone, shapes, masked pooling numbers, .keras round trip."""
+import keras
+import numpy as np
+import pytest
+
+from keras_llm.models import BertBackbone, GPTBackbone
+from keras_llm.tasks import TextClassifier
+from keras_llm.tasks.classification import pool_last_token, pool_mean
+
+SIZES = dict(vocabulary_size=40, num_layers=1, num_heads=2, hidden_size=8,
+             intermediate_size=16, max_length=6)
+
+
+def inputs(batch=2):
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], bool)[:batch]
+    return {"token_ids": np.arange(6 * batch, dtype="int32").reshape(batch, 6) % 40,
+            "segment_ids": np.zeros((batch, 6), "int32"), "padding_mask": mask}
+
+
+def test_masked_pooling_by_hand():
+    hidden = np.arange(2 * 3 * 2, dtype="float32").reshape(2, 3, 2)
+    mask = np.array([[True, True, False], [True, True, True]])
+    np.testing.assert_allclose(pool_last_token(hidden, mask), [[2, 3], [10, 11]])
+    np.testing.assert_allclose(pool_mean(hidden, mask), [[1, 2], [8, 9]])
+
+
+def test_default_pooling_follows_the_backbone():
+    keras.utils.set_random_seed(0)
+    assert TextClassifier(BertBackbone(**SIZES), 3).pooling == "cls"
+    assert TextClassifier(GPTBackbone(**SIZES), 3).pooling == "last"
+    with pytest.raises(ValueError, match="pooling 'cls' needs a BertBackbone"):
+        TextClassifier(GPTBackbone(**SIZES), 3, pooling="cls")
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        TextClassifier(GPTBackbone(**SIZES), 1)
+
+
+def test_gpt_last_token_reads_only_real_tokens():
+    keras.utils.set_random_seed(0)
+    model = TextClassifier(GPTBackbone(**SIZES), 3, dropout=0.0)
+    x = inputs()
+    logits = model(x)
+    assert tuple(logits.shape) == (2, 3)
+    changed = {**x, "token_ids": x["token_ids"].copy()}
+    changed["token_ids"][0, 3:] = 7  # padding after the last real token of row 0
+    np.testing.assert_allclose(model(changed)[0], logits[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone_class,pooling", [(BertBackbone, "cls"), (GPTBackbone, "mean")])
+def test_keras_round_trip(tmp_path, backbone_class, pooling):
+    keras.utils.set_random_seed(0)
+    model = TextClassifier(backbone_class(**SIZES), 4, pooling=pooling)
+    expected = model(inputs())
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert loaded.pooling == pooling and loaded.num_classes == 4
+    np.testing.assert_allclose(loaded(inputs()), expected, atol=1e-6)
