@@ -14,7 +14,7 @@ import keras
 import keras_hub
 import tensorflow as tf
 
-from keras_llm.data import as_dataset, pack_tokens, token_chunks
+from keras_llm.data.pipeline import pack_tokens, to_chunks, tokenized_documents
 from keras_llm.data.denoising import denoising_dataset
 from keras_llm.data.masking import continuation_id_table, masked_lm_dataset, wrap_blocks
 from keras_llm.data.nsp import next_sentence_dataset
@@ -22,7 +22,6 @@ from keras_llm.errors import ConfigError
 from keras_llm.training.objectives import Objective
 
 AUTOTUNE = tf.data.AUTOTUNE
-TOKENIZE_BATCH = 64
 
 
 def masked_lm_loss():
@@ -45,13 +44,19 @@ class _EncoderObjective(Objective):
             raise ConfigError(f"data.whole_word_masking needs a wordpiece tokenizer (its '##' "
                               f"pieces mark words); got {tokenizer.kind}")
 
-    def documents(self, documents, training, shuffle_documents=True):
-        documents = as_dataset(documents)
-        if training and shuffle_documents:
-            documents = documents.shuffle(self.config.data.shuffle_buffer,
-                                          seed=self.config.train.seed,
-                                          reshuffle_each_iteration=True)
-        return documents
+    def token_documents(self, documents, tokenizer, training, separator=None, shuffle=True):
+        """Token ids per document (`separator` appended), tokenized once and cached.
+
+        Shuffled every pass and repeated when training (unless `shuffle` is False).
+        """
+        ids = tokenized_documents(documents, tokenizer, -1 if separator is None else separator)
+        if separator is None:
+            ids = ids.map(lambda document: document[:-1])
+        ids = ids.cache()
+        if training and shuffle:
+            ids = ids.shuffle(self.config.data.shuffle_buffer, seed=self.config.train.seed,
+                              reshuffle_each_iteration=True).repeat()
+        return ids
 
     def finish(self, examples, training, repeat=False):
         if training:
@@ -86,11 +91,9 @@ class MaskedLMObjective(_EncoderObjective):
 
     def sequences(self, documents, tokenizer, training):
         specials = tokenizer.special_token_ids()
-        documents = self.documents(documents, training, shuffle_documents=not self.static)
-        if training and not self.static:
-            documents = documents.repeat()
-        blocks = pack_tokens(token_chunks(documents, tokenizer, specials["sep"]),
-                             self.config.data.seq_len - 2)
+        token_documents = self.token_documents(documents, tokenizer, training, specials["sep"],
+                                               shuffle=not self.static)
+        blocks = pack_tokens(to_chunks(token_documents), self.config.data.seq_len - 2)
         return wrap_blocks(blocks, specials, self.config.data.seq_len)
 
     def mask(self, sequences, tokenizer, training):
@@ -141,13 +144,7 @@ class MaskedLMNextSentenceObjective(MaskedLMObjective):
     name = "mlm_nsp"
 
     def sequences(self, documents, tokenizer, training):
-        documents = self.documents(documents, training, shuffle_documents=True)
-        if training:
-            documents = documents.repeat()
-        token_ids = (documents.batch(TOKENIZE_BATCH)
-                     .map(lambda texts: tf.cast(tokenizer.tokenize(texts), tf.int32),
-                          num_parallel_calls=AUTOTUNE)
-                     .unbatch())
+        token_ids = self.token_documents(documents, tokenizer, training)
         return next_sentence_dataset(token_ids, tokenizer.special_token_ids(),
                                      self.config.data.seq_len, seed=self.config.train.seed,
                                      shuffle_buffer=self.config.data.shuffle_buffer,
@@ -226,12 +223,9 @@ class DenoisingObjective(_EncoderObjective):
     name = "seq2seq_denoising"
 
     def dataset(self, documents, tokenizer, training):
-        documents = self.documents(documents, training)
-        if training:
-            documents = documents.repeat()
         specials = tokenizer.special_token_ids()
-        blocks = pack_tokens(token_chunks(documents, tokenizer, specials["eos"]),
-                             self.config.data.seq_len - 1)
+        token_documents = self.token_documents(documents, tokenizer, training, specials["eos"])
+        blocks = pack_tokens(to_chunks(token_documents), self.config.data.seq_len - 1)
         data = self.config.data
         # Validation noise is seeded per pass too, but the pass is cached by the trainer.
         examples = denoising_dataset(blocks, specials, data.seq_len, data.noise_density,
