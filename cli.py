@@ -44,6 +44,19 @@ def main(verbose):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def parse_settings(settings):
+    """`--set key=value` pairs as config overrides; values are read as YAML scalars."""
+    import yaml
+
+    overrides = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {setting!r}", param_hint="--set")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
 @main.command()
 @click.option("--config", "config_name", default="gpt-tiny",
               help="A built-in config name (see `keras-llm configs`) or a YAML file.")
@@ -68,27 +81,57 @@ def main(verbose):
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Peak learning rate. Default: train.learning_rate.")
 @click.option("--seed", type=int, default=None, help="Random seed. Default: train.seed.")
+@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multi-worker",
+                                               "tpu"]), default=None,
+              help="tf.distribute strategy; auto picks multi-worker from TF_CONFIG, mirrored "
+                   "with >1 GPU. Default: train.strategy.")
+@click.option("--mixed-precision/--no-mixed-precision", default=None,
+              help="mixed_float16 on GPU (loss scaling), mixed_bfloat16 on CPU/TPU.")
+@click.option("--xla/--no-xla", default=None, help="Compile the train step with XLA.")
+@click.option("--grad-accum-steps", type=click.IntRange(min=1), default=None,
+              help="Accumulate gradients over N batches per update.")
+@click.option("--steps-per-execution", type=click.IntRange(min=1), default=None,
+              help="Train steps per compiled call.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
+              help="Checkpoint every N steps (and at every evaluation).")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=None,
+              help="How many recent checkpoints to keep.")
+@click.option("--scale-lr/--no-scale-lr", default=None,
+              help="Treat --batch-size as per replica and scale the learning rate linearly.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. --set model.dropout=0.1 (repeatable).")
+@click.option("--restart", is_flag=True,
+              help="Ignore the checkpoints of an unfinished run in --output-dir; start over.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished model in --output-dir.")
 @handle_errors
 def pretrain(config_name, data, text_field, tokenizer_path, output_dir, steps, epochs,
-             batch_size, seq_len, learning_rate, seed, overwrite):
+             batch_size, seq_len, learning_rate, seed, strategy, mixed_precision, xla,
+             grad_accum_steps, steps_per_execution, checkpoint_every, keep_checkpoints,
+             scale_lr, settings, restart, overwrite):
     """Pretrain a language model; with no options, gpt-tiny on the built-in corpus.
 
     Writes a model artifact (weights, tokenizer, resolved config, metrics.json,
     metadata.json, TensorBoard logs) to --output-dir and prints the validation
-    perplexity next to a unigram baseline.
+    perplexity next to a unigram baseline. Rerunning an interrupted run in the same
+    --output-dir resumes it exactly from its last checkpoint.
     """
     from keras_llm.config import load_config
     from keras_llm.training.pretrain import pretrain as run_pretrain
 
     config = load_config(config_name, overrides={
+        **parse_settings(settings),
         "data.source": data, "data.text_field": text_field, "train.steps": steps,
         "train.epochs": epochs, "train.batch_size": batch_size, "data.seq_len": seq_len,
         "train.learning_rate": learning_rate, "train.seed": seed,
+        "train.strategy": strategy, "train.mixed_precision": mixed_precision,
+        "train.xla": xla, "train.grad_accum_steps": grad_accum_steps,
+        "train.steps_per_execution": steps_per_execution,
+        "train.checkpoint_every": checkpoint_every,
+        "train.keep_checkpoints": keep_checkpoints, "train.scale_lr": scale_lr,
     })
     output_dir = output_dir or os.path.join("runs", config.name)
     metrics = run_pretrain(config, output_dir, tokenizer_path=tokenizer_path,
-                           overwrite=overwrite, command=sys.argv)
+                           overwrite=overwrite, restart=restart, command=sys.argv)
     if "unigram_val_perplexity" in metrics:
         click.echo(f"validation perplexity {metrics['val_perplexity']:.2f} "
                    f"(unigram baseline {metrics['unigram_val_perplexity']:.2f})")

@@ -145,3 +145,19 @@ def test_serve_and_pipeline_commands_are_attached():
     for command in ("serve", "pipeline", "tokenizer"):
         result = run(command, "--help")
         assert result.exit_code == 0, command
+
+
+def test_set_overrides_any_key_and_bad_keys_are_usage_errors(tmp_path):
+    result = CliRunner().invoke(main, ["pretrain", "--set", "model.hiden_size=64",
+                                       "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "unknown key 'model.hiden_size' (did you mean 'model.hidden_size'?)" in result.output
+    result = CliRunner().invoke(main, ["pretrain", "--set", "no-equals-sign"])
+    assert result.exit_code == 2 and "expected KEY=VALUE" in result.output
+
+
+def test_parse_settings_reads_yaml_scalars():
+    from keras_llm.cli import parse_settings
+
+    assert parse_settings(["model.dropout=0.1", "train.xla=true", "data.source=a.txt"]) == {
+        "model.dropout": 0.1, "train.xla": True, "data.source": "a.txt"}

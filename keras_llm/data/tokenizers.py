@@ -76,7 +76,15 @@ class Tokenizer:
 
         if self.lowercase and self.kind != "wordpiece":
             texts = tf.strings.lower(texts, encoding="utf-8")
-        return self.keras_tokenizer.tokenize(texts)
+        layer = self.keras_tokenizer
+        if self.kind == "sentencepiece":
+            # The SentencePiece op keeps its model in a kernel resource that
+            # `tf.random.set_seed` (run by `keras.utils.set_random_seed`) destroys with
+            # the kernel cache; a layer per call (per tf.data trace) is cheap and immune.
+            import keras_hub
+
+            layer = keras_hub.tokenizers.SentencePieceTokenizer(proto=self.files["spm.model"])
+        return layer.tokenize(texts)
 
     def encode(self, texts):
         """Python lists of ids for a list of strings."""

@@ -28,6 +28,7 @@ class Objective:
 
     name = None
     tokenizer_kinds = ("bpe", "wordpiece", "sentencepiece")
+    loss_is_token_cross_entropy = False
 
     def __init__(self, config):
         self.config = config
@@ -68,6 +69,7 @@ class CausalLMObjective(Objective):
     """Next-token prediction on packed blocks (GPT)."""
 
     name = "causal_lm"
+    loss_is_token_cross_entropy = True
 
     def build_model(self, tokenizer):
         from keras_llm.models import GPTBackbone, GPTCausalLM

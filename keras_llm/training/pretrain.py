@@ -129,7 +129,8 @@ def pretrain(config, output_dir, tokenizer_path=None, overwrite=False, command=N
                 "the training data)", config.name, f"{model.count_params():,}", steps,
                 config.train.batch_size, config.data.seq_len, steps / steps_per_data_epoch)
     chief = distribute.is_chief(strategy)
-    callbacks = [PerplexityLogger()] + (
+    # exp(loss) is a perplexity only when the loss is one token-level cross-entropy.
+    callbacks = ([PerplexityLogger()] if objective.loss_is_token_cross_entropy else []) + (
         [keras.callbacks.TensorBoard(os.path.join(output_dir, artifacts.LOGS_DIR))] if chief
         else [])
     started = time.time()

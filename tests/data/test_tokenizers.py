@@ -65,3 +65,14 @@ def test_bad_requests():
 def test_load_rejects_non_tokenizer_directory(tmp_path):
     with pytest.raises(DataError, match="not a keras-llm tokenizer directory"):
         load_tokenizer(str(tmp_path))
+
+
+def test_sentencepiece_survives_a_reseed():
+    import keras
+
+    tokenizer = train_tokenizer("sentencepiece", TEXTS, 300)
+    expected = tokenizer.encode(["hello world"])
+    keras.utils.set_random_seed(1)  # clears TensorFlow's kernel cache
+    ds = tf.data.Dataset.from_tensor_slices(["hello world"]).batch(1).map(tokenizer.tokenize)
+    assert [row for batch in ds for row in batch.to_list()] == expected
+    assert tokenizer.encode(["hello world"]) == expected
