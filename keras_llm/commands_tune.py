@@ -57,12 +57,15 @@ def one_line_errors(command):
 @click.option("--oracle-ip", default="127.0.0.1", help="The chief's address.")
 @click.option("--oracle-port", type=click.IntRange(min=1, max=65535), default=None,
               help="The chief's port.")
+@click.option("--in-process", is_flag=True,
+              help="Run trials in this process (faster start; memory may grow with what "
+                   "TensorFlow keeps from each trial) instead of a fresh process each.")
 @click.option("--summary", is_flag=True,
               help="Print the results table of the search in --output-dir and exit.")
 @one_line_errors
 def tune(search_space, tuner, max_trials, objective, direction, steps_per_trial, patience,
          output_dir, data, pretrained, seed, restart, role, tuner_id, oracle_ip, oracle_port,
-         summary):
+         in_process, summary):
     """Search hyperparameters with KerasTuner; each trial is a short training run.
 
     Writes best_config.yaml (accepted by `keras-llm pretrain --config`), best_model,
@@ -82,8 +85,8 @@ def tune(search_space, tuner, max_trials, objective, direction, steps_per_trial,
     results = tuning.tune(
         search_space, output_dir, tuner=tuner, max_trials=max_trials, objective=objective,
         direction=direction, steps_per_trial=steps_per_trial, restart=restart, seed=seed,
-        patience=patience or None, pretrained=pretrained, data=data, command=sys.argv,
-        verbose=1)
+        patience=patience or None, pretrained=pretrained, data=data, in_process=in_process,
+        command=sys.argv, verbose=1)
     if results is None:
         click.echo(f"worker {os.environ['KERASTUNER_TUNER_ID']}: no trials left")
         return

@@ -78,8 +78,8 @@ logger = logging.getLogger(__name__)
 ARTIFACT_TYPE = "keras_llm.TuningResult"
 TUNERS = ("random", "bayesian", "hyperband")
 SCALES = ("linear", "log")
-SPACE_KEYS = ("name", "description", "base", "target", "overrides", "objective", "direction",
-              "tuner", "max_trials", "steps_per_trial", "parameters")
+SPACE_KEYS = ("name", "description", "base", "target", "pretrained", "overrides", "objective",
+              "direction", "tuner", "max_trials", "steps_per_trial", "parameters")
 SPEC_KEYS = ("choice", "min", "max", "scale", "step", "fixed", "when")
 # target -> the executor a trial runs.
 TARGETS = {
@@ -142,6 +142,7 @@ class SearchSpace:
     objective: str = None
     direction: str = None
     tuner: str = None
+    pretrained: str = None  # finetune: the pretrained model artifact
     max_trials: int = None
     steps_per_trial: int = None
     description: str = ""
@@ -163,9 +164,12 @@ class SearchSpace:
                 if key in hp.values and hp.is_active(key)}
 
     def resolve(self, values, steps=None):
-        """The trial's `Config`: base + overrides + values (+ `train.steps`); raises
-        `ConfigError` naming the key when the combination is invalid."""
+        """What a trial runs with: for pretrain the `Config` (base + overrides + values,
+        `train.steps` = `steps`), for finetune the `FinetuneOptions` (`epochs` = `steps`).
+        Raises `ConfigError` naming the key when the combination is invalid."""
         overrides = {**self.overrides, **values}
+        if self.target == "finetune":
+            return finetune_options(overrides, epochs=steps)
         if steps is not None:
             overrides["train.steps"] = steps
         return load_config(self.base, overrides=overrides)
@@ -181,6 +185,28 @@ class SearchSpace:
             "overrides": self.overrides,
             "parameters": {key: _spec_to_dict(p) for key, p in self.parameters.items()},
         }
+
+
+def finetune_options(values, epochs=None):
+    """`FinetuneOptions` from `{"finetune.learning_rate": ..., ...}`, validated."""
+    from keras_llm.training.finetune import FinetuneOptions
+
+    fields = {key.split(".", 1)[1]: value for key, value in values.items()}
+    if epochs is not None:
+        fields["epochs"] = epochs
+    return FinetuneOptions(**fields).validate()
+
+
+def target_key_types(target):
+    """The keys a search space of `target` may search -> their type hints."""
+    if target == "pretrain":
+        return config_key_types()
+    try:
+        from keras_llm.training.finetune import FinetuneOptions
+    except ImportError as e:
+        raise ConfigError(f"target finetune is not available ({e})")
+    hints = typing.get_type_hints(FinetuneOptions)
+    return {f"finetune.{f.name}": hints[f.name] for f in dataclasses.fields(FinetuneOptions)}
 
 
 def config_key_types():
@@ -212,11 +238,14 @@ def parse_search_space(values, where="search space"):
     for key in values:
         if key not in SPACE_KEYS:
             raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, SPACE_KEYS)}")
-    if not values.get("base"):
-        raise ConfigError(f"{where}: base is required (the config every trial starts from)")
     target = values.get("target", "pretrain")
     if target not in TARGETS:
         raise ConfigError(f"{where}: target must be one of {', '.join(TARGETS)}; got {target!r}")
+    if target == "pretrain" and not values.get("base"):
+        raise ConfigError(f"{where}: base is required (the config every trial starts from)")
+    if target == "finetune" and values.get("base"):
+        raise ConfigError(f"{where}: base is for target pretrain; a finetune search starts "
+                          f"from `pretrained` (a model artifact) and finetune.* keys")
     tuner = values.get("tuner")
     if tuner is not None:
         check_tuner(tuner, where)
@@ -227,7 +256,7 @@ def parse_search_space(values, where="search space"):
         if values.get(key) is not None:
             if _coerce(values[key], int, where, key) <= 0:
                 raise ConfigError(f"{where}: {key} must be > 0, got {values[key]!r}")
-    types = config_key_types()
+    types = target_key_types(target)
     overrides = values.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: overrides must be a mapping of dotted config keys")
@@ -239,15 +268,18 @@ def parse_search_space(values, where="search space"):
         raise ConfigError(f"{where}: parameters must be a non-empty mapping of dotted config "
                           f"keys to {{choice: [...]}}, {{min, max, scale, step}} or {{fixed}}")
     parameters = {key: _parse_parameter(key, spec, types, where) for key, spec in specs.items()}
-    _check_conditions(parameters, where)
+    _check_conditions(parameters, types, where)
     space = SearchSpace(
         name=values.get("name") or os.path.splitext(os.path.basename(where))[0],
-        base=values["base"], target=target, parameters=_parents_first(parameters),
+        base=values.get("base"), target=target, parameters=_parents_first(parameters),
         overrides=dict(overrides), objective=values.get("objective"), direction=direction,
-        tuner=tuner, max_trials=values.get("max_trials"),
+        tuner=tuner, pretrained=values.get("pretrained"), max_trials=values.get("max_trials"),
         steps_per_trial=values.get("steps_per_trial"),
         description=values.get("description") or "", where=where)
-    space.resolve({})  # the base config and the overrides must load on their own
+    try:
+        space.resolve({})  # the base config and the overrides must load on their own
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if not str(e).startswith(where) else str(e))
     return space
 
 
@@ -324,7 +356,7 @@ def _parse_when(when, where, name):
     return {parent: list(v) if isinstance(v, list) else [v] for parent, v in when.items()}
 
 
-def _check_conditions(parameters, where):
+def _check_conditions(parameters, types, where):
     for key, parameter in parameters.items():
         for parent, values in parameter.when.items():
             name = f"parameters.{key}.when.{parent}"
@@ -336,7 +368,7 @@ def _check_conditions(parameters, where):
                 raise ConfigError(f"{where}: {name}: parent {parent!r} must be a choice (or "
                                   f"fixed) parameter")
             allowed = source.values if source.kind == "choice" else [source.fixed]
-            hint = config_key_types()[parent]
+            hint = types[parent]
             for i, value in enumerate(values):
                 values[i] = _coerce(value, hint, where, name)
                 if values[i] not in allowed:
@@ -438,10 +470,13 @@ class SearchTuner(keras_tuner.Tuner):
         tokenizer_path: a tokenizer every trial loads (None: each trial trains its own).
         patience: evaluations without improvement of the objective before a trial stops.
         executor_arguments: extra keyword arguments for the executor.
+        in_process: run trials in this process (clear_session + gc between them) instead of
+            a fresh child process each.
     """
 
     def __init__(self, oracle, space, output_dir, steps_per_trial, tokenizer_path=None,
-                 patience=None, executor_arguments=None, command=None, overwrite=False):
+                 patience=None, executor_arguments=None, command=None, overwrite=False,
+                 in_process=False):
         self.space = space
         self.steps_per_trial = steps_per_trial
         self.tokenizer_path = tokenizer_path
@@ -449,6 +484,8 @@ class SearchTuner(keras_tuner.Tuner):
         self.executor_arguments = executor_arguments or {}
         self.command = command
         self._reasons = {}
+        self._child_usage = None
+        self.in_process = in_process
         self.executor = load_executor(space.target)
         if patience and "callbacks" not in _argument_names(self.executor):
             logger.info("%s takes no callbacks: trials train their whole budget (no early "
@@ -489,6 +526,9 @@ class SearchTuner(keras_tuner.Tuner):
             gc.collect()
             record.update(seconds=round(time.time() - record.pop("started"), 2),
                           **memory_usage())
+            if self._child_usage:  # the trial's own process
+                record["trial_peak_rss_mb"] = self._child_usage["peak_rss_mb"]
+            self._child_usage = None
             artifacts.write_json(os.path.join(trial_dir, RUN_FILE), record)
             self._reasons[trial.trial_id] = record.get("reason")
 
@@ -502,21 +542,17 @@ class SearchTuner(keras_tuner.Tuner):
     def _run_executor(self, config, model_dir):
         if artifacts.is_complete(model_dir):  # finished before an interruption
             return artifacts.read_json(os.path.join(model_dir, artifacts.METRICS_FILE))
-        arguments = dict(self.executor_arguments, verbose=0, command=self.command)
-        if self.tokenizer_path:
-            arguments["tokenizer_path"] = self.tokenizer_path
-        if self.patience:
-            arguments["callbacks"] = [keras.callbacks.EarlyStopping(
-                monitor=self.oracle.objective.name, mode=self.oracle.objective.direction,
-                patience=self.patience)]
-        accepted = _argument_names(self.executor)
-        arguments = {name: value for name, value in arguments.items() if name in accepted}
-        try:
-            metrics = self.executor(config, model_dir, **arguments)
-        except ConfigError as e:  # e.g. a batch size the corpus is too small for
-            raise keras_tuner.errors.FailedTrialError(_reason(e))
-        except KerasLLMError as e:  # data or artifact problems fail every trial alike
-            raise keras_tuner.errors.FatalError(str(e))
+        arguments = dict(
+            tokenizer_path=self.tokenizer_path, patience=self.patience,
+            objective=self.oracle.objective.name, direction=self.oracle.objective.direction,
+            command=self.command, **self.executor_arguments)
+        if self.in_process:
+            with _trial_errors():
+                metrics, usage = run_executor(self.space.target, config, model_dir,
+                                              **arguments), {}
+        else:
+            metrics, usage = run_in_child(self.space.target, config, model_dir, arguments)
+        self._child_usage = usage
         # The trial is finished: its resume checkpoints only take disk space now.
         shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
         return metrics
@@ -540,6 +576,89 @@ class SearchTuner(keras_tuner.Tuner):
         finally:
             keras_tuner_config.DEBUG = debug
 
+
+
+def run_executor(target, resolved, model_dir, tokenizer_path=None, patience=None,
+                 objective="val_loss", direction="min", command=None, pretrained=None):
+    """Runs one trial's training: `pretrain(config, ...)` or `finetune(options, ...)`.
+
+    Returns the executor's metrics; its `ConfigError`s and other keras-llm errors propagate.
+    """
+    executor = load_executor(target)
+    if target == "finetune":
+        from keras_llm.training.finetune import EARLY_STOPPING_METRICS
+
+        metric = objective[len("val_"):]
+        if patience and metric in EARLY_STOPPING_METRICS[resolved.task]:
+            resolved = dataclasses.replace(resolved, early_stopping_metric=metric,
+                                           patience=patience)
+        return executor(resolved, pretrained, model_dir, overwrite=True, command=command,
+                        verbose=0)
+    arguments = {"verbose": 0, "command": command, "tokenizer_path": tokenizer_path}
+    if patience:
+        arguments["callbacks"] = [keras.callbacks.EarlyStopping(
+            monitor=objective, mode=direction, patience=patience)]
+    accepted = _argument_names(executor)
+    return executor(resolved, model_dir, **{name: value for name, value in arguments.items()
+                                             if name in accepted and value is not None})
+
+
+@contextlib.contextmanager
+def _trial_errors():
+    """keras-llm errors -> KerasTuner's: a bad combination fails the trial (e.g. a batch size
+    the corpus is too small for); data or artifact problems fail every trial, so stop."""
+    try:
+        yield
+    except ConfigError as e:
+        raise keras_tuner.errors.FailedTrialError(_reason(e))
+    except KerasLLMError as e:
+        raise keras_tuner.errors.FatalError(str(e))
+
+
+OUTCOME_FILE = ".outcome.json"
+
+
+def run_in_child(target, resolved, model_dir, arguments):
+    """`run_executor` in a fresh (spawned) process: whatever a trial leaves in memory (Keras
+    and TensorFlow graphs, tf.data state, allocator fragmentation) goes with the process.
+    Returns `(metrics, the child's memory usage)`."""
+    import multiprocessing
+
+    os.makedirs(model_dir, exist_ok=True)
+    outcome_path = os.path.join(model_dir, OUTCOME_FILE)
+    if os.path.exists(outcome_path):
+        os.remove(outcome_path)
+    process = multiprocessing.get_context("spawn").Process(
+        target=_child_main, args=(target, resolved, model_dir, arguments, outcome_path))
+    process.start()
+    process.join()
+    if not os.path.exists(outcome_path):
+        raise RuntimeError(f"the trial process exited with code {process.exitcode} "
+                           f"(killed, or out of memory?)")
+    outcome = artifacts.read_json(outcome_path)
+    os.remove(outcome_path)
+    if outcome["status"] == "failed":
+        raise keras_tuner.errors.FailedTrialError(outcome["message"])
+    if outcome["status"] == "fatal":
+        raise keras_tuner.errors.FatalError(outcome["message"])
+    if outcome["status"] == "error":
+        logger.warning("trial process failed:\n%s", outcome["traceback"])
+        raise RuntimeError(outcome["message"])
+    return outcome["metrics"], outcome["memory"]
+
+
+def _child_main(target, resolved, model_dir, arguments, outcome_path):
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        outcome = {"status": "ok", "metrics": run_executor(target, resolved, model_dir,
+                                                           **arguments)}
+    except ConfigError as e:
+        outcome = {"status": "failed", "message": _reason(e)}
+    except KerasLLMError as e:
+        outcome = {"status": "fatal", "message": str(e)}
+    except Exception as e:  # noqa: BLE001  (reported to the search, which records it)
+        outcome = {"status": "error", "message": _reason(e), "traceback": traceback.format_exc()}
+    artifacts.write_json(outcome_path, {**outcome, "memory": memory_usage()})
 
 
 def load_executor(target):
@@ -637,7 +756,8 @@ def current_role():
 
 def tune(search_space, output_dir, tuner=None, max_trials=None, objective=None,
          direction=None, steps_per_trial=None, restart=False, seed=1337, patience=2,
-         pretrained=None, data=None, hyperband_max_epochs=3, command=None, verbose=0):
+         pretrained=None, data=None, hyperband_max_epochs=3, in_process=False, command=None,
+         verbose=0):
     """Searches `search_space` with KerasTuner; writes the tuning artifact to `output_dir`.
 
     Rerunning with the same arguments resumes an interrupted search; `restart=True` starts
@@ -658,6 +778,9 @@ def tune(search_space, output_dir, tuner=None, max_trials=None, objective=None,
         pretrained: (finetune target) the pretrained model artifact.
         data: overrides the trials' data source.
         hyperband_max_epochs: Hyperband's budget levels (see `make_oracle`).
+        in_process: run the trials in this process, with `clear_session` and `gc` between
+            them, instead of a fresh process each (which keeps this process's memory flat
+            whatever a trial leaves behind, for a few seconds of start-up per trial).
         command: recorded in metadata (default: sys.argv).
         verbose: KerasTuner's per-trial display (0 silent).
 
@@ -667,10 +790,12 @@ def tune(search_space, output_dir, tuner=None, max_trials=None, objective=None,
     space = search_space if isinstance(search_space, SearchSpace) else \
         load_search_space(search_space)
     if data is not None:
-        space = dataclasses.replace(space, overrides={**space.overrides, "data.source": data})
+        key = "finetune.data" if space.target == "finetune" else "data.source"
+        space = dataclasses.replace(space, overrides={**space.overrides, key: data})
     settings = _settings(space, tuner, max_trials, objective, direction, steps_per_trial)
     executor_arguments = {}
     if space.target == "finetune":
+        pretrained = pretrained or space.pretrained
         executor_arguments = _finetune_arguments(pretrained)
     role = current_role()
     if restart and role != "worker":
@@ -686,7 +811,7 @@ def tune(search_space, output_dir, tuner=None, max_trials=None, objective=None,
                          hyperband_max_epochs=hyperband_max_epochs)
     search = SearchTuner(
         oracle, space, output_dir, settings["steps_per_trial"], tokenizer_path=tokenizer_path,
-        patience=patience, executor_arguments=executor_arguments,
+        patience=patience, executor_arguments=executor_arguments, in_process=in_process,
         command=list(command if command is not None else sys.argv))
     try:
         search.search(verbose=verbose)
@@ -706,17 +831,25 @@ def _settings(space, tuner, max_trials, objective, direction, steps_per_trial):
         "max_trials": int(max_trials or space.max_trials or 10),
         "objective": objective,
         "direction": objective_direction(objective, direction or space.direction),
-        "steps_per_trial": int(steps_per_trial or space.steps_per_trial
-                               or space.resolve({}).train.steps),
+        "steps_per_trial": int(steps_per_trial or space.steps_per_trial or _base_budget(space)),
     }
     if settings["max_trials"] <= 0 or settings["steps_per_trial"] <= 0:
         raise ConfigError("--max-trials and --steps-per-trial must be > 0")
     return settings
 
 
+def _base_budget(space):
+    """A trial's default budget: the base's train.steps (pretrain) or epochs (finetune)."""
+    resolved = space.resolve({})
+    return resolved.epochs if space.target == "finetune" else resolved.train.steps
+
+
 def _finetune_arguments(pretrained):
     if not pretrained:
-        raise ConfigError("target finetune needs a pretrained model artifact (--pretrained)")
+        raise ConfigError("target finetune needs a pretrained model artifact (--pretrained or "
+                          "`pretrained:` in the search space)")
+    if not artifacts.is_complete(pretrained):
+        raise ArtifactError(f"{pretrained}: not a finished keras-llm model artifact")
     return {"pretrained": pretrained}
 
 
@@ -830,23 +963,43 @@ def write_results(output_dir, space, settings, command=None, pretrained=None):
     if best is None:
         raise KerasLLMError(f"no trial completed ({len(trials)} failed); reasons are in "
                             f"{os.path.join(output_dir, RESULTS_CSV)}")
-    best_config = space.resolve(best["values"])  # the base's train.steps, not the budget
-    best_config = dataclasses.replace(best_config, name=f"{best_config.name}-tuned")
+    best_config = space.resolve(best["values"])  # the base's budget, not the trial's
+    header = (f"# {space.name}: best of {len(trials)} trials (trial {best['trial_id']}, "
+              f"{settings['objective']} {best['score']:.4f})\n")
+    if space.target == "finetune":  # the options of `keras-llm finetune`, by name
+        values = dataclasses.asdict(best_config)
+        header += f"# keras-llm finetune --model {pretrained} {finetune_flags(values)}\n"
+        metadata_config = artifacts.read_json(os.path.join(
+            best["model_dir"], artifacts.METADATA_FILE))["config"]
+    else:
+        best_config = dataclasses.replace(best_config, name=f"{best_config.name}-tuned")
+        values = metadata_config = best_config.to_dict()
     artifacts.atomic_write(os.path.join(output_dir, BEST_CONFIG_FILE),
-                           f"# {space.name}: best of {len(trials)} trials (trial "
-                           f"{best['trial_id']}, {settings['objective']} {best['score']:.4f})\n"
-                           + yaml.safe_dump(best_config.to_dict(), sort_keys=False))
+                           header + yaml.safe_dump(values, sort_keys=False))
     link = os.path.join(output_dir, BEST_MODEL_LINK)
     if os.path.islink(link) or os.path.exists(link):
         os.remove(link) if os.path.islink(link) else shutil.rmtree(link)
     os.symlink(os.path.relpath(best["model_dir"], output_dir), link)
     metadata = artifacts.make_metadata(
-        ARTIFACT_TYPE, best_config, parent=pretrained, command=command,
+        ARTIFACT_TYPE, metadata_config, parent=pretrained, command=command,
         extra={"search": {"space": space.to_dict(), **settings},
                "best_trial": best["trial_id"], "best_objective": best["score"],
                "trials": len(trials)})
     artifacts.write_json(os.path.join(output_dir, artifacts.METADATA_FILE), metadata)
     return results
+
+
+def finetune_flags(options):
+    """The `keras-llm finetune` flags for the `FinetuneOptions` values that differ from the
+    defaults."""
+    from keras_llm.cli import main
+    from keras_llm.training.finetune import FinetuneOptions
+
+    flags = {p.name for p in main.commands["finetune"].params} if "finetune" in main.commands \
+        else set(options)
+    defaults = dataclasses.asdict(FinetuneOptions())
+    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in options.items()
+                    if key in flags and value != defaults[key])
 
 
 def results_csv(trials, parameter_keys, objective):
