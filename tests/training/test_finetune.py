@@ -209,7 +209,8 @@ def test_bert_text_pair_classification_with_class_weights(data, parents, tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["electra", "roberta"])
 def test_electra_and_roberta_classifiers(data, parents, tmp_path, family):
-    metrics = finetune(options(data=data["topics"], epochs=2, learning_rate=3e-3),
+    # From random weights (post-layer-norm encoders): 4 epochs of 9 steps learn the topics.
+    metrics = finetune(options(data=data["topics"], epochs=4, learning_rate=3e-3),
                        parents[family], str(tmp_path / family), verbose=0)
     assert metrics["val_accuracy"] >= 0.75, metrics
     loaded = artifacts.load_model_artifact(str(tmp_path / family))
@@ -242,11 +243,18 @@ def test_continued_causal_lm_lowers_perplexity_then_generates(data, parents, tmp
 
 @pytest.mark.slow
 def test_seq2seq_finetune_evaluate_and_generate(data, parents, tmp_path):
+    from keras_llm.evaluation import seq2seq_token_accuracy
+
+    rows = [json.loads(line) for line in open(data["copy"])]
+    parent = artifacts.load_model_artifact(parents["seq2seq"])
+    before = seq2seq_token_accuracy(parent.model, parent.tokenizer,
+                                    [r["source"] for r in rows], [r["target"] for r in rows],
+                                    24)["token_accuracy"]
     output = str(tmp_path / "copy")
     metrics = finetune(options(task="seq2seq", data=data["copy"], text_column="source",
                                target_column="target", epochs=3, learning_rate=3e-3),
                        parents["seq2seq"], output, verbose=0)
-    assert metrics["val_token_accuracy"] > 0.3
+    assert metrics["val_token_accuracy"] > max(0.2, 5 * before)
     assert 0.0 <= metrics["val_bleu_greedy"] <= 100.0
     result = run("evaluate", output, "--data", data["copy"], "--decoding", "beam",
                  "--num-beams", "2", "--predictions", str(tmp_path / "p.jsonl"))
@@ -257,7 +265,7 @@ def test_seq2seq_finetune_evaluate_and_generate(data, parents, tmp_path):
     assert set(row) == {"source", "target", "prediction"}
     result = run("generate", output, "apple pear", "--sampler", "greedy",
                  "--max-new-tokens", "8")
-    assert result.exit_code == 0 and "apple pear" not in result.output.splitlines()[0][:0]
+    assert result.exit_code == 0 and len(result.output.splitlines()) == 1
 
 
 # ------------------------------------------------------------------ errors
@@ -318,7 +326,7 @@ def test_bad_options_are_usage_errors(parents, tmp_path):
 def test_generate_refuses_a_classifier_and_evaluate_an_unseen_label(data, parents, tmp_path):
     output = str(tmp_path / "cls")
     finetune(options(data=data["topics"]), parents["gpt"], output, verbose=0)
-    result = CliRunner().invoke(main, ["generate", output, "apple"])
+    result = CliRunner().invoke(main, ["generate", output, "apple", "--max-new-tokens", "5"])
     assert result.exit_code == 1 and "does not generate text" in result.output
     result = CliRunner().invoke(main, ["evaluate", output, "--data", data["unseen"]])
     assert result.exit_code == 1 and "label 'planet' never seen in training" in result.output
