@@ -865,8 +865,8 @@ def _clear(output_dir):
 def _check_same_search(output_dir, space, settings):
     """A rerun resumes only the same search (more trials are fine); else `--restart`."""
     path = os.path.join(output_dir, SEARCH_FILE)
-    record = {"space": space.to_dict(), **{k: v for k, v in settings.items()
-                                           if k != "max_trials"}}
+    record = {"space": space.to_dict(), "parameter_keys": list(space.parameters),
+              **{k: v for k, v in settings.items() if k != "max_trials"}}
     record = json.loads(json.dumps(record, default=str))
     if os.path.exists(path):
         saved = artifacts.read_json(path)
@@ -1022,7 +1022,7 @@ def summary_table(output_dir):
         raise ArtifactError(f"{output_dir}: no search here ({SEARCH_FILE} is missing)")
     record = artifacts.read_json(search_file)
     objective, direction = record["objective"], record["direction"]
-    keys = list(record["space"]["parameters"])
+    keys = record.get("parameter_keys") or sorted(record["space"]["parameters"])
     trials = collect_trials(output_dir)
     best = best_trial(trials, direction)
     header = ["trial", "status", f"{objective} ({direction})", *keys, "steps", "seconds"]

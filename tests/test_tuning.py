@@ -431,3 +431,47 @@ def test_chief_and_two_workers_complete_the_search(tmp_path, corpus):
     with open(os.path.join(out, tuning.RESULTS_JSON)) as f:
         assert json.load(f)["best_trial"] in records
     assert "best config:" in chief_output
+
+
+@pytest.mark.slow
+def test_finetune_search_on_a_pretrained_artifact(tmp_path, corpus):
+    pytest.importorskip("keras_llm.training.finetune")
+    from keras_llm.training.pretrain import pretrain
+
+    pretrained = str(tmp_path / "gpt")
+    pretrain(load_config("gpt-tiny", {**TINY, "data.source": corpus}), pretrained, verbose=0)
+    words = {"fruit": ["apple", "pear", "plum", "fig", "lime"],
+             "vehicle": ["car", "bus", "train", "truck", "bike"]}
+    topics = tmp_path / "topics.jsonl"
+    topics.write_text("".join(
+        json.dumps({"text": " ".join(words[label][(i + j) % 5] for j in range(6)),
+                    "label": label}) + "\n" for i in range(40) for label in words))
+    path = os.path.join(str(tmp_path), "space.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"name": "tune-topics", "target": "finetune", "pretrained": pretrained,
+                        "objective": "val_accuracy", "overrides": {
+                            "finetune.data": str(topics), "finetune.batch_size": 8,
+                            "finetune.max_seq_len": 16},
+                        "parameters": {
+                            "finetune.learning_rate": {"min": 1e-3, "max": 1e-2,
+                                                       "scale": "log"},
+                            "finetune.freeze": {"choice": ["none", "embeddings"]}}}, f)
+    out = str(tmp_path / "search")
+    results = tuning.tune(path, out, max_trials=2, steps_per_trial=1, in_process=True)
+    assert results["direction"] == "max" and results["target"] == "finetune"
+    assert [t["status"] for t in results["trials"]] == ["COMPLETED", "COMPLETED"]
+    best = next(t for t in results["trials"] if t["trial_id"] == results["best_trial"])
+    assert best["score"] == max(t["metrics"]["val_accuracy"] for t in results["trials"])
+    with open(os.path.join(out, tuning.BEST_CONFIG_FILE)) as f:
+        text = f.read()
+    options = yaml.safe_load(text)
+    assert options["freeze"] == best["values"]["finetune.freeze"]
+    assert options["learning_rate"] == pytest.approx(best["values"]["finetune.learning_rate"])
+    assert f"# keras-llm finetune --model {pretrained} " in text
+    from keras_llm.training.finetune import FinetuneOptions
+
+    assert FinetuneOptions(**options).validate().data == str(topics)
+    with open(os.path.join(out, tuning.BEST_MODEL_LINK, "metadata.json")) as f:
+        assert json.load(f)["parent"]["path"] == os.path.abspath(pretrained)
+    with open(os.path.join(out, "metadata.json")) as f:
+        assert json.load(f)["parent"] == pretrained
