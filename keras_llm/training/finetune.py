@@ -533,7 +533,7 @@ def finetune(options, pretrained_dir, output_dir, overwrite=False, command=None,
     history = model.fit(train_ds, epochs=options.epochs,
                         steps_per_epoch=setup["steps_per_epoch"],
                         validation_data=setup["validation_ds"], callbacks=callbacks,
-                        verbose=verbose)
+                        shuffle=False, verbose=verbose)  # the datasets shuffle themselves
     train_seconds = time.time() - started
     metrics = {
         "task": options.task,

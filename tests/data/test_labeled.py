@@ -143,3 +143,14 @@ def test_lm_blocks_score_every_token_after_the_first_once(tokenizer):
     assert blocks.shape[1] == 4
     assert weights[:, 1:].sum() == stream_length - 1
     assert blocks[1][0] == blocks[0][3]  # consecutive blocks overlap by one token
+
+
+def test_tfds_class_labels_are_read_by_name():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=6):  # generated records, no network
+        data = read_labeled("tfds:imdb_reviews:test", {"text": "text", "label": "label"})
+        assert len(data) == 6 and set(data.columns["label"]) <= {"neg", "pos"}
+        assert data.fingerprint == "tfds:imdb_reviews:test:1.0.0"
+        with pytest.raises(DataError, match=r"no column 'stars' \(found: label, text\)"):
+            read_labeled("tfds:imdb_reviews", {"text": "text", "label": "stars"})

@@ -4,6 +4,7 @@ Parent artifacts are the real models of each family at tiny sizes; most are save
 from their pretraining objective (untrained: fine-tuning must work from any artifact), and
 the GPT one is pretrained for a few steps by `pretrain()`, as `keras-llm pretrain` writes it.
 """
+import hashlib
 import json
 import os
 import random
@@ -19,6 +20,7 @@ from keras_llm.cli import main
 from keras_llm.config import load_config
 from keras_llm.data.tokenizers import load_tokenizer, train_tokenizer
 from keras_llm.errors import ArtifactError, ConfigError, DataError
+from keras_llm.evaluation import evaluate_artifact, seq2seq_token_accuracy
 from keras_llm.models import GPTBackbone
 from keras_llm.training.finetune import (
     FinetuneOptions,
@@ -164,7 +166,6 @@ def test_pretrained_gpt_classifier_learns_an_easy_task_and_evaluates(data, tmp_p
 
     metadata = json.load(open(os.path.join(output, "metadata.json")))
     parent_metadata = open(os.path.join(parent, "metadata.json"), "rb").read()
-    import hashlib
     assert metadata["parent"]["path"] == os.path.abspath(parent)
     assert metadata["parent"]["metadata_sha256"] == hashlib.sha256(parent_metadata).hexdigest()
     assert metadata["parent"]["config_fingerprint"] == json.loads(parent_metadata)[
@@ -201,8 +202,7 @@ def test_bert_text_pair_classification_with_class_weights(data, parents, tmp_pat
     vocabulary = load_tokenizer(os.path.join(parents["bert"], "tokenizer")).vocabulary_size()
     assert metrics["parameters"] - metrics["trainable_parameters"] == vocabulary * 32 + \
         2 * 32 + 32 * 32 + 2 * 32
-    report, rows = __import__("keras_llm.evaluation", fromlist=["x"]).evaluate_artifact(
-        output, data["pairs"])
+    report, rows = evaluate_artifact(output, data["pairs"])
     assert {"text", "text_pair", "label", "predicted"} <= set(rows[0])
 
 
@@ -226,8 +226,6 @@ def test_early_stopping_stops_when_the_metric_stalls(data, parents, tmp_path):
 
 @pytest.mark.slow
 def test_continued_causal_lm_lowers_perplexity_then_generates(data, parents, tmp_path):
-    from keras_llm.evaluation import evaluate_artifact
-
     before, _ = evaluate_artifact(parents["gpt"], data["corpus"])
     output = str(tmp_path / "lm")
     metrics = finetune(options(task="causal_lm", data=data["corpus"], epochs=2,
@@ -243,8 +241,6 @@ def test_continued_causal_lm_lowers_perplexity_then_generates(data, parents, tmp
 
 @pytest.mark.slow
 def test_seq2seq_finetune_evaluate_and_generate(data, parents, tmp_path):
-    from keras_llm.evaluation import seq2seq_token_accuracy
-
     rows = [json.loads(line) for line in open(data["copy"])]
     parent = artifacts.load_model_artifact(parents["seq2seq"])
     before = seq2seq_token_accuracy(parent.model, parent.tokenizer,
