@@ -26,7 +26,12 @@ divisible by heads) is a failed trial whose reason is in the results table.
 
 Each trial resolves its config (base + overrides + values, `train.steps` = the trial's
 budget), runs the product's own executor (`pretrain(...)`) into
-`OUTPUT_DIR/search/trial_<id>/model`, and reports the objective from its `metrics.json`.
+`OUTPUT_DIR/search/trial_<id>/model`, and reports the objective from its metrics. A search
+with `target: finetune` starts from `pretrained` (a model artifact), searches the options of
+`keras-llm finetune` as `finetune.<option>` keys, and its budget is `epochs`. Each trial
+runs in a fresh (spawned) process, so whatever TensorFlow keeps from a trial goes with it
+and the search process stays flat; `in_process=True` runs trials in the search process,
+with `keras.backend.clear_session(free_memory=True)` and `gc` between them.
 The search state is KerasTuner's (`OUTPUT_DIR/search/`), so rerunning the same command
 resumes an interrupted search; a trial cut off mid-way resumes from its checkpoints.
 When the search ends, `OUTPUT_DIR` holds:
@@ -40,8 +45,8 @@ When the search ends, `OUTPUT_DIR` holds:
 Example:
 
 >>> space = load_search_space("tune-gpt-tiny")
->>> sorted(space.parameters)[:2]
-['model.dropout', 'model.num_layers']
+>>> space.parameters["train.learning_rate"].scale, space.parameters["model.dropout"].when
+('log', {'model.num_layers': [2]})
 >>> results = tune("tune-gpt-tiny", "runs/tune", max_trials=4)   # doctest: +SKIP
 """
 import contextlib
