@@ -40,9 +40,9 @@ WORDS = ("return the value of a list string number file open read write close ob
          "class function module name path data type error default").split()
 
 
-def synthetic_texts(count, seed):
+def synthetic_texts(count, seed, words=30):
     rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, 30)) for _ in range(count)]
+    return [" ".join(rng.choice(WORDS, words)) for _ in range(count)]
 
 
 def build_artifact(directory, shape, seed):
@@ -86,15 +86,18 @@ def build_keras_hub(shape):
     return model
 
 
-def time_call(call, repeats):
-    """Median seconds of `call()` after one warm-up call (tracing, compilation)."""
-    call()
-    times = []
+def time_interleaved(calls, repeats):
+    """`{name: median seconds}` of each call after one warm-up call each (tracing); the calls
+    take turns, round after round, so a change in machine load hits them all alike."""
+    for call in calls.values():
+        call()
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        with benchlib.Stopwatch() as watch:
-            call()
-        times.append(watch.seconds)
-    return benchlib.median(times)
+        for name, call in calls.items():
+            with benchlib.Stopwatch() as watch:
+                call()
+            times[name].append(watch.seconds)
+    return {name: benchlib.median(values) for name, values in times.items()}
 
 
 def contenders(model, tokenizer, keras_hub_model, loaded, prompts, prompt_ids):
@@ -143,7 +146,7 @@ def prompts_of(tokenizer, count, prompt_tokens, seed):
     """`count` texts of exactly `prompt_tokens` tokens, and their ids as TextGenerator feeds
     them (after an end-of-document token)."""
     texts, ids = [], []
-    for text in synthetic_texts(count * 4, seed + 1):
+    for text in synthetic_texts(count * 4, seed + 1, words=2 * prompt_tokens):
         tokens = tokenizer.encode([text])[0][:prompt_tokens - 1]
         decoded = tokenizer.decode(tokens)
         if tokenizer.encode([decoded])[0] == tokens and len(tokens) == prompt_tokens - 1:
@@ -161,7 +164,7 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = benchlib.start(parser)
     if args.quick:
         args.shape, args.prompt_tokens, args.new_tokens, args.repeats = "quick", 6, 4, 1
@@ -199,10 +202,12 @@ def main():
                     [str(t) for t in in_process]:
                 benchlib.fail("the exported model's greedy text differs from TextGenerator's")
             makers = contenders(model, tokenizer, keras_hub_model, loaded, prompts, prompt_ids)
+            calls = {(name, n): makers[name](n) for name in CONTENDERS
+                     for n in (args.new_tokens, 1)}
+            seconds = time_interleaved(calls, args.repeats)
             measured = {}
             for name in CONTENDERS:
-                full = time_call(makers[name](args.new_tokens), args.repeats)
-                first = time_call(makers[name](1), args.repeats)
+                full, first = seconds[(name, args.new_tokens)], seconds[(name, 1)]
                 measured[name] = {
                     "batch_size": batch, "contender": name,
                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,

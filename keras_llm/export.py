@@ -121,13 +121,19 @@ def choose_tokens(logits, temperature, top_k):
     import tensorflow as tf
 
     logits = tf.cast(logits, tf.float32)
-    # argmax of the softmax, as keras-hub's GreedySampler (identical on near-ties).
-    greedy = tf.argmax(tf.nn.softmax(logits), axis=-1, output_type=tf.int32)
-    k = tf.clip_by_value(top_k, 1, tf.shape(logits)[-1])
-    values, indices = tf.math.top_k(logits / tf.maximum(temperature, 1e-6), k=k)
-    picked = tf.random.categorical(values, 1, dtype=tf.int32)
-    sampled = tf.gather(indices, picked[:, 0], batch_dims=1)
-    return tf.where((top_k <= 1) | (temperature <= 0.0), greedy, sampled)
+
+    def greedy():
+        # argmax of the softmax, as keras-hub's GreedySampler (identical on near-ties).
+        return tf.argmax(tf.nn.softmax(logits), axis=-1, output_type=tf.int32)
+
+    def sample():
+        k = tf.clip_by_value(top_k, 1, tf.shape(logits)[-1])
+        values, indices = tf.math.top_k(logits / tf.maximum(temperature, 1e-6), k=k)
+        picked = tf.random.categorical(values, 1, dtype=tf.int32)
+        return tf.gather(indices, picked[:, 0], batch_dims=1)
+
+    # A branch, not both computed and one selected: greedy steps skip top-k and sampling.
+    return tf.cond((top_k <= 1) | (temperature <= 0.0), greedy, sample)
 
 
 def decoding_loop(step, token_ids, prompt_mask, cache, end_id, temperature, top_k):
