@@ -321,7 +321,10 @@ def test_bad_options_are_usage_errors(parents, tmp_path):
 
 def test_generate_refuses_a_classifier_and_evaluate_an_unseen_label(data, parents, tmp_path):
     output = str(tmp_path / "cls")
-    finetune(options(data=data["topics"]), parents["gpt"], output, verbose=0)
+    result = run("finetune", "--model", parents["gpt"], "--data", data["topics"], "--epochs",
+                 "1", "--batch-size", "16", "--max-seq-len", "24", "--output-dir", output)
+    assert result.exit_code == 0, result.output
+    assert "val_accuracy" in result.output and f"model artifact: {output}" in result.output
     result = CliRunner().invoke(main, ["generate", output, "apple", "--max-new-tokens", "5"])
     assert result.exit_code == 1 and "does not generate text" in result.output
     result = CliRunner().invoke(main, ["evaluate", output, "--data", data["unseen"]])
