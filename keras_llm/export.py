@@ -327,7 +327,6 @@ def write_warmup_requests(version_dir, model_name, requests):
 
 RELOAD_SCRIPT = r"""
 import json, sys
-import numpy as np
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (registers the tokenizers' ops)
 
