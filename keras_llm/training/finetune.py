@@ -379,7 +379,7 @@ def setup_classification(parent, options, train, validation, max_seq_len):
                                            text_pairs=validation.get("text_pair"), **common)
     model = TextClassifier(backbone, len(labels), pooling=options.pooling,
                            dropout=options.dropout)
-    model(next(iter(validation_ds))[0])
+    model(next(iter(classification_dataset(validation["text"][:1], None, **common))))
     callbacks = []
     if options.early_stopping_metric == "macro_f1":
         callbacks.append(_ValidationF1(validation_ds, validation_ids, labels.names))

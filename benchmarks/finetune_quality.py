@@ -1,0 +1,207 @@
+"""Fine-tuning quality: the gain from pretraining, shown on AG News and TREC-6; Multi30k BLEU.
+
+(1) For each family (bert-tiny, gpt-tiny): train one tokenizer and pretrain the model from
+scratch on the shared corpora (WikiText-2 plus the unlabeled texts of the AG News and TREC
+training sets), and save a second artifact with the same tokenizer and architecture but
+random weights. Fine-tune both on AG News (5,000 train / 1,000 dev / 1,000 test) and on
+TREC-6 (5,452 train, 10% held out for validation / 500 test) with the same options, and
+report test accuracy and macro-F1: the difference is what pretraining buys.
+(2) Train seq2seq-tiny (its SentencePiece vocabulary learned on Multi30k) on Multi30k
+en->de and report test BLEU (sacrebleu-compatible, greedy and beam search).
+
+Everything goes through the product's executors (`pretrain`, `finetune`,
+`evaluate_artifact`), as `keras-llm pretrain/finetune/evaluate` run them. Prints one table
+with the wall time of every run and writes `benchmarks/results/finetune_quality.json`.
+
+    python benchmarks/finetune_quality.py            # full run (an hour or more on 2 CPUs)
+    python benchmarks/finetune_quality.py --quick    # smoke run on a few hundred examples
+"""
+import argparse
+import csv
+import json
+import os
+import random
+
+import benchlib
+
+AG_NEWS_LABELS = {"0": "world", "1": "sports", "2": "business", "3": "sci/tech"}
+QUICK_MODEL = {"model.num_layers": 1, "model.hidden_size": 32, "model.num_heads": 2,
+               "model.intermediate_size": 64, "model.vocab_size": 600,
+               "model.max_length": 64, "data.seq_len": 64, "train.batch_size": 8,
+               "train.eval_every": 5, "train.eval_steps": 2}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    benchlib.add_common_arguments(parser)
+    parser.add_argument("--work-dir", default=None,
+                        help="where converted data and artifacts go (default: "
+                             "benchmarks/results/finetune_quality_work)")
+    parser.add_argument("--families", default="bert-tiny,gpt-tiny",
+                        help="comma-separated pretraining configs to compare")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="pretraining steps (default: the config's; quick: 5)")
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (4)")
+    parser.add_argument("--seq2seq-epochs", type=int, default=None, help="Multi30k epochs (10)")
+    parser.add_argument("--skip-seq2seq", action="store_true")
+    args = benchlib.start(parser)
+    args.pretrain_steps = args.pretrain_steps or (5 if args.quick else None)
+    args.epochs = args.epochs or (1 if args.quick else 4)
+    args.seq2seq_epochs = args.seq2seq_epochs or (1 if args.quick else 10)
+    args.work_dir = args.work_dir or os.path.join(
+        benchlib.RESULTS_DIR, "finetune_quality_work" + ("_quick" if args.quick else ""))
+    return args
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def prepare_data(args):
+    """Converts the shared files to JSONL (`text`/`label`, `text`/`target`); returns paths."""
+    shared, work = benchlib.data_dir(), os.path.join(args.work_dir, "data")
+    os.makedirs(work, exist_ok=True)
+    limit = 300 if args.quick else None
+    paths = {}
+    for split in ("train", "dev", "test"):
+        with open(benchlib.require_file(os.path.join(shared, "ag_news", f"{split}.csv"),
+                                        "AG News"), encoding="utf-8") as f:
+            rows = [{"text": text, "label": AG_NEWS_LABELS[label]}
+                    for text, label in csv.reader(f)][:limit]
+        paths[f"ag_news_{split}"] = write_jsonl(os.path.join(work, f"ag_news_{split}.jsonl"),
+                                                rows)
+    for split, name in (("train", "train_5500.label"), ("test", "TREC_10.label")):
+        with open(benchlib.require_file(os.path.join(shared, "trec6", name), "TREC-6"),
+                  encoding="latin-1") as f:
+            rows = [{"text": line.split(" ", 1)[1].strip(), "label": line.split(":", 1)[0]}
+                    for line in f if line.strip()][:limit]
+        paths[f"trec6_{split}"] = write_jsonl(os.path.join(work, f"trec6_{split}.jsonl"), rows)
+    for split in ("train", "val", "test"):
+        with open(benchlib.require_file(os.path.join(shared, "multi30k", f"{split}.en"),
+                                        "Multi30k"), encoding="utf-8") as en, \
+                open(os.path.join(shared, "multi30k", f"{split}.de"), encoding="utf-8") as de:
+            rows = [{"text": s.strip(), "target": t.strip()} for s, t in zip(en, de)][
+                :(100 if args.quick else None)]
+        paths[f"multi30k_{split}"] = write_jsonl(os.path.join(work, f"multi30k_{split}.jsonl"),
+                                                 rows)
+    corpus = [p for p in (os.path.join(shared, "wikitext2", f"wiki.{s}.raw")
+                          for s in ("valid", "test")) if os.path.isfile(p)]
+    unlabeled = [json.loads(line)["text"] for key in ("ag_news_train", "trec6_train")
+                 for line in open(paths[key], encoding="utf-8")]
+    paths["unlabeled"] = write_jsonl(os.path.join(work, "unlabeled.jsonl"),
+                                     [{"text": t} for t in unlabeled])
+    paths["pretrain"] = ",".join(corpus[:1 if args.quick else None] + [paths["unlabeled"]])
+    return paths
+
+
+def pretrained_and_random(args, family, paths):
+    """(pretrained artifact dir, random-init artifact dir, pretraining seconds)."""
+    from keras_llm import artifacts
+    from keras_llm.config import load_config
+    from keras_llm.data import load_tokenizer
+    from keras_llm.training.objectives import get_objective
+    from keras_llm.training.pretrain import pretrain
+
+    overrides = {**(QUICK_MODEL if args.quick else {}), "data.source": paths["pretrain"],
+                 "train.steps": args.pretrain_steps, "train.seed": args.seed}
+    config = load_config(family, overrides=overrides)
+    pretrained = os.path.join(args.work_dir, family)
+    with benchlib.Stopwatch() as watch:
+        metrics = pretrain(config, pretrained, overwrite=True, verbose=0)
+    tokenizer = load_tokenizer(os.path.join(pretrained, artifacts.TOKENIZER_DIR))
+    random_dir = pretrained + "-random"
+    model = get_objective(config).build_model(tokenizer)  # same shape, same tokenizer
+    artifacts.save_model_artifact(random_dir, model, tokenizer, config, {}, artifacts.make_metadata(
+        "keras_llm.PretrainedModel", config, extra={"family": config.model.family,
+                                                    "task": config.task, "random_init": True}))
+    return pretrained, random_dir, watch.seconds, metrics
+
+
+def finetune_and_test(args, parent, name, train, test, validation=None, **options):
+    from keras_llm.evaluation import evaluate_artifact
+    from keras_llm.training.finetune import FinetuneOptions, finetune
+
+    output = os.path.join(args.work_dir, name)
+    settings = FinetuneOptions(data=train, validation_data=validation, seed=args.seed,
+                               **{"epochs": args.epochs, "batch_size": 32,
+                                  "learning_rate": 5e-4, "max_seq_len": 64 if args.quick
+                                  else 128, **options})
+    with benchlib.Stopwatch() as watch:
+        metrics = finetune(settings, parent, output, overwrite=True, verbose=0)
+    report, _ = evaluate_artifact(output, test)
+    return metrics, report, watch.seconds
+
+
+def main():
+    args = parse_args()
+    random.seed(args.seed)
+    paths = prepare_data(args)
+    rows, records = [], []
+    for family in args.families.split(","):
+        pretrained, random_dir, pretrain_seconds, pretrain_metrics = pretrained_and_random(
+            args, family, paths)
+        records.append({"run": f"pretrain {family}", "seconds": round(pretrain_seconds, 1),
+                        "metrics": pretrain_metrics})
+        rows.append([f"pretrain {family}", "-", "-", "-", f"{pretrain_seconds:.0f}"])
+        for task, train, validation, test in (
+                ("ag_news", paths["ag_news_train"], paths["ag_news_dev"], paths["ag_news_test"]),
+                ("trec6", paths["trec6_train"], None, paths["trec6_test"])):
+            for init, parent in (("pretrained", pretrained), ("random", random_dir)):
+                metrics, report, seconds = finetune_and_test(
+                    args, parent, f"{family}-{init}-{task}", train, test, validation)
+                records.append({"run": f"{family} {init} {task}", "seconds": round(seconds, 1),
+                                "finetune": metrics, "test": {
+                                    k: report[k] for k in ("accuracy", "macro_f1", "examples")}})
+                rows.append([f"{family} {init}", task, f"{report['accuracy']:.4f}",
+                             f"{report['macro_f1']:.4f}", f"{seconds:.0f}"])
+    if not args.skip_seq2seq:
+        rows.append(seq2seq_run(args, paths, records))
+    print(benchlib.format_table(
+        ["run", "task", "test accuracy / BLEU", "macro-F1 / beam BLEU", "seconds"], rows))
+    path = benchlib.write_result("finetune_quality" + ("_quick" if args.quick else ""), args,
+                                 {"runs": records})
+    print(f"results: {path}")
+
+
+def seq2seq_run(args, paths, records):
+    """seq2seq-tiny with a SentencePiece vocabulary learned on Multi30k, trained en->de."""
+    from keras_llm import artifacts
+    from keras_llm.config import load_config
+    from keras_llm.data import train_tokenizer
+    from keras_llm.evaluation import evaluate_artifact
+    from keras_llm.training.finetune import FinetuneOptions, finetune
+    from keras_llm.training.objectives import get_objective
+
+    rows = [json.loads(line) for line in open(paths["multi30k_train"], encoding="utf-8")]
+    config = load_config("seq2seq-tiny", overrides={
+        **(QUICK_MODEL if args.quick else {}), "data.source": paths["multi30k_train"],
+        "model.vocab_size": 600 if args.quick else 8000})
+    tokenizer = train_tokenizer("sentencepiece", [r["text"] for r in rows] +
+                                [r["target"] for r in rows], config.model.vocab_size)
+    parent = os.path.join(args.work_dir, "seq2seq-tiny-multi30k-init")
+    artifacts.save_model_artifact(parent, get_objective(config).build_model(tokenizer),
+                                  tokenizer, config, {}, artifacts.make_metadata(
+                                      "keras_llm.PretrainedModel", config,
+                                      extra={"family": "seq2seq", "task": config.task}))
+    output = os.path.join(args.work_dir, "seq2seq-tiny-multi30k")
+    settings = FinetuneOptions(task="seq2seq", data=paths["multi30k_train"],
+                               validation_data=paths["multi30k_val"], epochs=args.seq2seq_epochs,
+                               batch_size=64, learning_rate=1e-3, max_seq_len=64,
+                               seed=args.seed, early_stopping_metric="loss")
+    with benchlib.Stopwatch() as watch:
+        metrics = finetune(settings, parent, output, overwrite=True, verbose=0)
+    greedy, _ = evaluate_artifact(output, paths["multi30k_test"])
+    beam, _ = evaluate_artifact(output, paths["multi30k_test"], sampler="beam", num_beams=4)
+    records.append({"run": "seq2seq-tiny multi30k en-de", "seconds": round(watch.seconds, 1),
+                    "finetune": metrics, "test": {"bleu_greedy": greedy["bleu"],
+                                                  "bleu_beam4": beam["bleu"],
+                                                  "token_accuracy": greedy["token_accuracy"]}})
+    return ["seq2seq-tiny", "multi30k en-de", f"{greedy['bleu']:.2f}", f"{beam['bleu']:.2f}",
+            f"{watch.seconds:.0f}"]
+
+
+if __name__ == "__main__":
+    main()
