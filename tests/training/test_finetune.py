@@ -259,9 +259,10 @@ def test_seq2seq_finetune_evaluate_and_generate(data, parents, tmp_path):
     assert report["decoding"] == "beam2" and 0.0 <= report["bleu"] <= 100.0
     row = json.loads(open(tmp_path / "p.jsonl").readline())
     assert set(row) == {"source", "target", "prediction"}
-    result = run("generate", output, "apple pear", "--sampler", "greedy",
-                 "--max-new-tokens", "8")
-    assert result.exit_code == 0 and len(result.output.splitlines()) == 1
+    for sampler in ("greedy", "top_p"):
+        result = run("generate", output, "apple pear", "--sampler", sampler, "--seed", "1",
+                     "--max-new-tokens", "8")
+        assert result.exit_code == 0 and len(result.output.splitlines()) == 1
 
 
 # ------------------------------------------------------------------ errors
