@@ -68,6 +68,8 @@ class LoadedVersion:
 
         self.version = version
         self.path = path
+        import tensorflow_text  # noqa: F401  (registers the tokenizer ops exports use)
+
         self.saved_model = tf.saved_model.load(path)
         self.signatures = dict(self.saved_model.signatures)
         self.signature_defs = read_signature_defs(path)
