@@ -124,20 +124,9 @@ def _read_files(spec, columns):
 
 
 def _read_tfds(spec, columns):
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or not parts[1]:
-        raise DataError(f"--data {spec!r}: expected tfds:NAME or tfds:NAME:SPLIT")
-    name, split = parts[1], parts[2] if len(parts) == 3 else "train"
-    import tensorflow_datasets as tfds
+    from keras_llm.data.sources import open_tfds
 
-    try:
-        builder = tfds.builder(name)
-        builder.download_and_prepare()
-        dataset = builder.as_dataset(split=split)
-    except Exception as e:  # tfds raises many types; the user needs the one line.
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"--data {spec}: cannot load from TensorFlow Datasets: "
-                        f"{first_line}") from None
+    name, split, builder, dataset = open_tfds(spec)
     features = builder.info.features
     for column in columns.values():
         if column not in features:

@@ -206,7 +206,8 @@ def _builtin_source():
                       "sha256:" + corpus.file_fingerprint(path))
 
 
-def _tfds_source(spec, text_field):
+def open_tfds(spec):
+    """(name, split, builder, dataset) for a `tfds:NAME[:SPLIT]` spec, with one-line errors."""
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[1]:
         raise DataError(f"--data {spec!r}: expected tfds:NAME or tfds:NAME:SPLIT")
@@ -221,6 +222,11 @@ def _tfds_source(spec, text_field):
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"--data {spec}: cannot load from TensorFlow Datasets: "
                         f"{first_line}") from None
+    return name, split, builder, dataset
+
+
+def _tfds_source(spec, text_field):
+    name, split, builder, dataset = open_tfds(spec)
     features = builder.info.features
     if text_field not in features:
         raise DataError(f"--data {spec}: no feature {text_field!r} (found: "
