@@ -1,8 +1,9 @@
 """keras-llm: Transformer language models with TensorFlow and Keras, from raw text to TF Serving.
 
 The repository keeps `cli.py`, `components/` and `configs/` at the top level for readability;
-an install maps them under `keras_llm` (`keras_llm.cli`, `keras_llm.components`,
-`keras_llm.configs`) so no generic top-level name lands in site-packages.
+`keras_llm/cli.py`, `keras_llm/components` and `keras_llm/configs` are symlinks to them, so
+both a checkout and an install see one package (`keras_llm.cli`, `keras_llm.components`,
+`keras_llm.configs`) and no generic top-level name lands in site-packages.
 """
 import os
 
@@ -18,11 +19,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=PACKAGES + ["keras_llm.components", "keras_llm.configs"],
-    package_dir={
-        "keras_llm.components": "components",
-        "keras_llm.configs": "configs",
-    },
+    packages=PACKAGES,
     package_data={"keras_llm.configs": ["*.yaml"]},
     install_requires=[
         "tensorflow==2.21.*",

@@ -34,3 +34,16 @@ def test_installed_package_has_cli_and_configs():
 
     assert callable(keras_llm.cli.main)
     assert (importlib.resources.files("keras_llm.configs") / "gpt-tiny.yaml").is_file()
+
+
+def test_checkout_on_sys_path_sees_the_same_package():
+    """`python -c ...` run from the repository root imports the checkout's keras_llm (the
+    current directory comes first on sys.path); its components and configs must be there too,
+    not only in an install. CI once failed on this in subprocess-based tests."""
+    code = ("import keras_llm.cli, keras_llm.components, keras_llm.configs, pathlib;"
+            "print(pathlib.Path(keras_llm.configs.__file__).parent)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                            capture_output=True, text=True)
+    configs = pathlib.Path(result.stdout.strip().splitlines()[-1])
+    assert (configs / "gpt-tiny.yaml").is_file()
+    assert configs.resolve() == (REPO / "configs").resolve()
