@@ -21,7 +21,7 @@ def serve_command(export_base, port, host, model_name, max_batch_size, poll_seco
     as `keras-llm export` writes them. New versions are picked up while serving.
     """
     from keras_llm.errors import KerasLLMError
-    from keras_llm.serving.rest import make_server
+    from keras_llm.serving.rest import make_server, run_until_interrupted
 
     try:
         server = make_server(export_base, port=port, host=host, model_name=model_name,
@@ -34,9 +34,4 @@ def serve_command(export_base, port, host, model_name, max_batch_size, poll_seco
     click.echo(f"serving {server.model_name} version "
                f"{latest.version if latest else '(none yet)'} at {server.url} "
                f"(Ctrl-C to stop)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    run_until_interrupted(server)

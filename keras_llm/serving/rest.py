@@ -500,6 +500,11 @@ def serve(export_base, port=8501, host="127.0.0.1", model_name=None, max_batch_s
     server = make_server(export_base, port=port, host=host, model_name=model_name,
                          max_batch_size=max_batch_size, poll_seconds=poll_seconds)
     logger.info("serving %s at %s", export_base, server.url)
+    run_until_interrupted(server)
+
+
+def run_until_interrupted(server):
+    """Serves requests until Ctrl-C, then closes the listening socket."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:
