@@ -329,10 +329,23 @@ def _call(function, tensors):
     try:
         outputs = function(**tensors)
     except tf.errors.InvalidArgumentError as e:
-        raise _invalid(e.message.splitlines()[0])
+        raise _invalid(_op_error_line(e.message))
     except tf.errors.OpError as e:
-        raise ServingError("INTERNAL", e.message.splitlines()[0])
+        raise ServingError("INTERNAL", _op_error_line(e.message))
     return dict(sorted(outputs.items()))
+
+
+def _op_error_line(message):
+    """The line of a TF runtime error that says what went wrong: a graph's failed assertion
+    ("assertion failed: [max_new_tokens must be ...]"), not "Graph execution error:" or the
+    node trace around it."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("assertion failed:"):
+            return line
+    useful = [line for line in lines if line != "Graph execution error:" and not line.startswith(
+        ("Detected at node", "File \"", "[[{{node"))]
+    return (useful or lines or ["error"])[0]
 
 
 def _to_json(name, array):

@@ -35,6 +35,7 @@ class TinyModel(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompt"),
                                   tf.TensorSpec([None], tf.int32, name="max_new_tokens")])
     def generate(self, prompt, max_new_tokens):
+        tf.debugging.assert_non_negative(max_new_tokens, message="max_new_tokens must be >= 0")
         text = tf.strings.join([tf.strings.upper(prompt), tf.strings.as_string(max_new_tokens)],
                                separator=f" v{self.version} ")
         return {"text": text}
@@ -199,6 +200,9 @@ def test_new_version_is_picked_up(server, export_base):
     ("/v1/models/tiny:predict", b'{"signature_name": "generate", "instances": '
      b'[{"prompt": "a"}]}', 400, "missing input: max_new_tokens"),
     ("/v1/models/tiny:predict", b'{"instances": [1]}', 400, "input text: expected a string"),
+    ("/v1/models/tiny:predict", b'{"signature_name": "generate", "instances": '
+     b'[{"prompt": "a", "max_new_tokens": -1}]}', 400,
+     "assertion failed: [max_new_tokens must be >= 0"),
     ("/v1/models/tiny:predict", b'{"instances": ["a", "b", "c", "d", "e"]}', 400,
      "Task size 5 is larger than maximum input batch size 4"),
     ("/v1/models/tiny/versions/9:predict", b'{"instances": ["a"]}', 404,
