@@ -4,32 +4,16 @@ One function per command; heavy imports (TensorFlow) happen inside the commands 
 `keras-llm --help` answers at once. Errors the user can fix print one line: exit code 2 for
 bad usage (options, configs), 1 for runtime failures (data, artifacts).
 """
-import functools
 import logging
 import os
 import sys
 
 import click
 
+from keras_llm.cli_errors import handle_errors
+
 # TensorFlow's C++ start-up chatter hides the progress bar; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def handle_errors(command):
-    """Turns keras-llm's own errors into one-line click errors."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from keras_llm.errors import ConfigError, KerasLLMError
-
-        try:
-            return command(*args, **kwargs)
-        except ConfigError as e:
-            raise click.UsageError(str(e))
-        except KerasLLMError as e:
-            raise click.ClickException(str(e))
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"],

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from keras_llm.cli import handle_errors
+from keras_llm.cli_errors import handle_errors
 
 TASKS = ("classification", "causal_lm", "seq2seq")
 

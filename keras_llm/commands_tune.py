@@ -3,23 +3,12 @@
 Attached to the `keras-llm` group in cli.py; TensorFlow is imported inside the command so
 that `keras-llm --help` answers at once.
 """
-import functools
 import os
 import sys
 
 import click
 
-
-def one_line_errors(command):
-    """keras-llm's errors as one clean line (imported late: `keras_llm.cli` imports us)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from keras_llm.cli import handle_errors
-
-        return handle_errors(command)(*args, **kwargs)
-
-    return wrapper
+from keras_llm.cli_errors import handle_errors
 
 
 @click.command("tune")
@@ -62,7 +51,7 @@ def one_line_errors(command):
                    "TensorFlow keeps from each trial) instead of a fresh process each.")
 @click.option("--summary", is_flag=True,
               help="Print the results table of the search in --output-dir and exit.")
-@one_line_errors
+@handle_errors
 def tune(search_space, tuner, max_trials, objective, direction, steps_per_trial, patience,
          output_dir, data, pretrained, seed, restart, role, tuner_id, oracle_ip, oracle_port,
          in_process, summary):

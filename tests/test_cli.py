@@ -97,6 +97,17 @@ def test_console_script_is_installed():
 
 
 @pytest.mark.slow
+def test_python_dash_m_cli_answers_help_without_a_circular_import(tmp_path):
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "keras_llm.cli", "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for command in ("pretrain", "finetune", "evaluate", "tune", "export"):
+        assert f"  {command} " in result.stdout
+    assert "ImportError" not in result.stderr
+
+
 def test_pretrain_reuses_a_saved_tokenizer_and_counts_epochs(tmp_path, corpus):
     first = str(tmp_path / "first")
     run("pretrain", "--data", corpus, "--output-dir", first, "--steps", "2", "--batch-size",
