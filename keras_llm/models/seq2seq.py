@@ -1,10 +1,13 @@
 """The encoder-decoder Transformer (Vaswani et al., 2017), pretrained by denoising (BART).
 
-`Seq2SeqBackbone`: one token embedding shared by the encoder, the decoder and the output
-projection (as in the paper and in BART; one vocabulary for source and target), position
-embeddings per side, N encoder blocks, M decoder blocks with cross-attention.
+`Seq2SeqBackbone`: by default one token embedding shared by the encoder, the decoder and the
+output projection (as in the paper and in BART; one vocabulary for source and target); with
+`target_vocabulary_size` the decoder gets its own target vocabulary and embedding, tied to the
+output projection (the paper's separate-vocabulary en-fr setup). Position embeddings per
+side, N encoder blocks, M decoder blocks with cross-attention.
 `Seq2SeqLM` adds the tied output projection, the KV-cached decoding step and
 `generate_step` (greedy, top-k, top-p... through a keras-hub sampler, like `GPTCausalLM`).
+`with_target_vocabulary` gives a trained model a new target vocabulary for fine-tuning.
 """
 import keras
 from keras import ops
@@ -16,9 +19,12 @@ from keras_llm.layers import (
     TransformerDecoderBlock,
     TransformerEncoderBlock,
 )
+from keras_llm.errors import ArtifactError
 from keras_llm.models.vocabulary import check_tokenizer_matches
 
 INITIALIZER_STDDEV = 0.02
+INPUT_KEYS = ("encoder_token_ids", "encoder_padding_mask", "decoder_token_ids",
+              "decoder_padding_mask")
 
 
 @keras.saving.register_keras_serializable(package="keras_llm")
@@ -29,7 +35,7 @@ class Seq2SeqBackbone(keras.Model):
     and `decoder_padding_mask`, each `(batch, length)`.
 
     Args:
-        vocabulary_size: number of token ids (shared by source and target).
+        vocabulary_size: number of source token ids (and target ids when shared).
         num_layers: encoder blocks.
         num_decoder_layers: decoder blocks; defaults to `num_layers`.
         num_heads: attention heads per block.
@@ -42,6 +48,10 @@ class Seq2SeqBackbone(keras.Model):
         position: "learned" (BART) or "sinusoidal" (the paper) position encoding.
         layer_norm_epsilon: epsilon of the layer norms.
         special_token_ids: the tokenizer's special ids, kept to refuse a mismatched tokenizer.
+        target_vocabulary_size: `None` shares the source vocabulary and embedding with the
+            decoder; a number gives the decoder its own embedding of that many target ids,
+            tied to the output projection.
+        target_special_token_ids: the target tokenizer's special ids (separate vocabularies).
 
     Example:
 
@@ -53,6 +63,11 @@ class Seq2SeqBackbone(keras.Model):
     ...                    "decoder_padding_mask": keras.ops.ones((2, 5), "bool")})
     >>> keras.ops.shape(hidden)
     (2, 5, 16)
+    >>> separate = Seq2SeqBackbone(vocabulary_size=100, target_vocabulary_size=50,
+    ...                            num_layers=1, num_heads=2, hidden_size=16,
+    ...                            intermediate_size=32, max_length=8)
+    >>> separate.shared_vocabulary
+    False
 
     References:
         - [Vaswani et al., 2017](https://arxiv.org/abs/1706.03762)
@@ -62,13 +77,19 @@ class Seq2SeqBackbone(keras.Model):
     def __init__(self, vocabulary_size, num_layers, num_heads, hidden_size, intermediate_size,
                  max_length, num_decoder_layers=None, dropout=0.1, activation="gelu",
                  norm_first=False, position="learned", layer_norm_epsilon=1e-5,
-                 special_token_ids=None, **kwargs):
+                 special_token_ids=None, target_vocabulary_size=None,
+                 target_special_token_ids=None, **kwargs):
         super().__init__(**kwargs)
         initializer = keras.initializers.TruncatedNormal(stddev=INITIALIZER_STDDEV)
         num_decoder_layers = num_decoder_layers or num_layers
         self.token_embedding = ReversibleEmbedding(
             vocabulary_size, hidden_size, tie_weights=True,
             embeddings_initializer=initializer, dtype=self.dtype_policy, name="token_embedding")
+        # Named apart so a shared-vocabulary model keeps its weight paths (old artifacts load).
+        self.target_token_embedding = None if target_vocabulary_size is None else (
+            ReversibleEmbedding(target_vocabulary_size, hidden_size, tie_weights=True,
+                                embeddings_initializer=initializer, dtype=self.dtype_policy,
+                                name="target_token_embedding"))
         self.encoder_position = self._position(position, max_length, "encoder_position")
         self.decoder_position = self._position(position, max_length, "decoder_position")
         self.embedding_dropout = keras.layers.Dropout(dropout)
@@ -99,6 +120,19 @@ class Seq2SeqBackbone(keras.Model):
         self.position = position
         self.layer_norm_epsilon = layer_norm_epsilon
         self.special_token_ids = dict(special_token_ids) if special_token_ids else None
+        self.target_vocabulary_size = target_vocabulary_size
+        self.target_special_token_ids = (dict(target_special_token_ids)
+                                         if target_special_token_ids else None)
+
+    @property
+    def shared_vocabulary(self):
+        """Whether source and target share one vocabulary (and one embedding)."""
+        return self.target_token_embedding is None
+
+    @property
+    def decoder_embedding(self):
+        """The embedding of target ids, whose transpose is the output projection."""
+        return self.token_embedding if self.shared_vocabulary else self.target_token_embedding
 
     def _position(self, position, max_length, name):
         if position == "learned":
@@ -113,19 +147,22 @@ class Seq2SeqBackbone(keras.Model):
         batch = input_shape["encoder_token_ids"][0]
         hidden_shape = (batch, None, self.hidden_size)
         self.token_embedding.build((batch, None))
+        if not self.shared_vocabulary:
+            self.target_token_embedding.build((batch, None))
         for layer in (self.encoder_position, self.decoder_position, self.encoder_norm,
                       self.decoder_norm, *self.encoder_blocks, *self.decoder_blocks):
             if layer is not None:
                 layer.build(hidden_shape)
 
-    def _embed(self, token_ids, position, start_index=0, training=None):
-        x = self.token_embedding(token_ids)
+    def _embed(self, token_ids, embedding, position, start_index=0, training=None):
+        x = embedding(token_ids)
         x = x + ops.cast(position(x, start_index=start_index), x.dtype)
         return self.embedding_dropout(x, training=training)
 
     def encode(self, token_ids, padding_mask=None, training=None):
         """Encoder outputs `(batch, source_length, hidden_size)`."""
-        x = self._embed(token_ids, self.encoder_position, training=training)
+        x = self._embed(token_ids, self.token_embedding, self.encoder_position,
+                        training=training)
         for block in self.encoder_blocks:
             x = block(x, padding_mask=padding_mask, training=training)
         return x if self.encoder_norm is None else self.encoder_norm(x)
@@ -133,7 +170,8 @@ class Seq2SeqBackbone(keras.Model):
     def decode(self, token_ids, encoder_outputs, encoder_padding_mask=None, padding_mask=None,
                training=None):
         """Decoder hidden states (teacher forcing: every target position at once)."""
-        x = self._embed(token_ids, self.decoder_position, training=training)
+        x = self._embed(token_ids, self.decoder_embedding, self.decoder_position,
+                        training=training)
         for block in self.decoder_blocks:
             x = block(x, encoder_outputs=encoder_outputs, padding_mask=padding_mask,
                       encoder_padding_mask=encoder_padding_mask, training=training)
@@ -159,7 +197,8 @@ class Seq2SeqBackbone(keras.Model):
     def decode_with_cache(self, token_ids, cache, cache_index, cross_cache,
                           encoder_padding_mask=None):
         """One decoding step: `(hidden, cache)` for `token_ids` placed at `cache_index`."""
-        x = self._embed(token_ids, self.decoder_position, start_index=cache_index)
+        x = self._embed(token_ids, self.decoder_embedding, self.decoder_position,
+                        start_index=cache_index)
         updated = []
         for i, block in enumerate(self.decoder_blocks):
             x, layer_cache = block(
@@ -171,13 +210,27 @@ class Seq2SeqBackbone(keras.Model):
         return x, ops.stack(updated, axis=1)
 
     def logits(self, hidden):
-        """Output projection tied to the shared token embedding."""
-        return self.token_embedding(hidden, reverse=True)
+        """Output projection tied to the target (or shared) token embedding."""
+        return self.decoder_embedding(hidden, reverse=True)
 
-    def check_tokenizer(self, tokenizer):
-        """Raises `ArtifactError` unless `tokenizer` yields the ids this model was trained on."""
+    def check_tokenizer(self, tokenizer, target_tokenizer=None):
+        """Raises `ArtifactError` unless the tokenizers yield the ids this model was trained
+        on: `tokenizer` on the source side, `target_tokenizer` (required with separate
+        vocabularies; with a shared one it must match the source side) on the target side."""
         check_tokenizer_matches(self.name, self.vocabulary_size, self.special_token_ids,
                                 tokenizer)
+        if self.shared_vocabulary:
+            if target_tokenizer is not None and target_tokenizer is not tokenizer:
+                check_tokenizer_matches(f"{self.name} (shared vocabulary)",
+                                        self.vocabulary_size, self.special_token_ids,
+                                        target_tokenizer)
+            return
+        if target_tokenizer is None or target_tokenizer is tokenizer:
+            raise ArtifactError(
+                f"{self.name} has a separate target vocabulary of "
+                f"{self.target_vocabulary_size} tokens; pass its target tokenizer too")
+        check_tokenizer_matches(f"{self.name} (target side)", self.target_vocabulary_size,
+                                self.target_special_token_ids, target_tokenizer)
 
     def get_config(self):
         return {
@@ -195,13 +248,19 @@ class Seq2SeqBackbone(keras.Model):
             "position": self.position,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "special_token_ids": self.special_token_ids,
+            "target_vocabulary_size": self.target_vocabulary_size,
+            "target_special_token_ids": self.target_special_token_ids,
         }
 
     @classmethod
-    def from_model_config(cls, model_config, vocabulary_size=None, special_token_ids=None):
-        """Builds from a `keras_llm.config.ModelConfig`."""
+    def from_model_config(cls, model_config, vocabulary_size=None, special_token_ids=None,
+                          target_vocabulary_size=None, target_special_token_ids=None):
+        """Builds from a `keras_llm.config.ModelConfig` (`target_vocab_size` set, or
+        `target_vocabulary_size` given: separate source and target vocabularies)."""
         return cls(
             vocabulary_size=vocabulary_size or model_config.vocab_size,
+            target_vocabulary_size=target_vocabulary_size or model_config.target_vocab_size,
+            target_special_token_ids=target_special_token_ids,
             num_layers=model_config.num_layers,
             num_decoder_layers=model_config.num_decoder_layers,
             num_heads=model_config.num_heads, hidden_size=model_config.hidden_size,
@@ -283,8 +342,8 @@ class Seq2SeqLM(keras.Model):
         return sampler(next=next, prompt=token_ids, cache=cache, index=index, mask=padding_mask,
                        stop_token_ids=stop_token_ids, model=self)
 
-    def check_tokenizer(self, tokenizer):
-        self.backbone.check_tokenizer(tokenizer)
+    def check_tokenizer(self, tokenizer, target_tokenizer=None):
+        self.backbone.check_tokenizer(tokenizer, target_tokenizer)
 
     def get_config(self):
         return {**super().get_config(), "backbone": keras.saving.serialize_keras_object(
@@ -295,3 +354,38 @@ class Seq2SeqLM(keras.Model):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         return cls(**config)
+
+
+def with_target_vocabulary(model, target_vocabulary_size, target_special_token_ids=None):
+    """A copy of a built `Seq2SeqLM` whose decoder reads and writes a new target vocabulary.
+
+    Every weight is copied except the target embedding, which starts from the usual random
+    initialization: the encoder keeps the source vocabulary and what pretraining taught it,
+    the decoder learns the new target tokens in fine-tuning (e.g. a denoising-pretrained
+    English model fine-tuned to translate into German with a German vocabulary).
+
+    Example:
+
+    >>> model = Seq2SeqLM(Seq2SeqBackbone(vocabulary_size=100, num_layers=1, num_heads=2,
+    ...                                   hidden_size=16, intermediate_size=32, max_length=8))
+    >>> model.build({key: (None, None) for key in INPUT_KEYS})
+    >>> with_target_vocabulary(model, 40).backbone.decoder_embedding.input_dim
+    40
+    """
+    backbone = model.backbone
+    config = dict(backbone.get_config(), target_vocabulary_size=target_vocabulary_size,
+                  target_special_token_ids=target_special_token_ids)
+    copy = Seq2SeqLM(Seq2SeqBackbone.from_config(config), name=model.name)
+    copy.build({key: (None, None) for key in INPUT_KEYS})
+
+    def kept(lm):
+        target = lm.backbone.target_token_embedding
+        dropped = {id(v) for v in target.weights} if target is not None else set()
+        return [v for v in lm.weights if id(v) not in dropped]
+
+    for new, old in zip(kept(copy), kept(model), strict=True):
+        if tuple(new.shape) != tuple(old.shape):
+            raise ValueError(f"weight {new.path} has shape {tuple(new.shape)} but the model's "
+                             f"{old.path} has {tuple(old.shape)}")
+        new.assign(old)
+    return copy
