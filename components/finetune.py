@@ -18,5 +18,5 @@ finetune_component = Component(
         Parameter("max_length", int, default=128, help="tokens per example, truncated"),
         Parameter("seed", int, default=1337, help="random seed"),
     ],
-    executor="keras_llm.training.finetune:finetune",
+    executor="keras_llm.pipeline.executors:finetune",
 )

@@ -366,7 +366,7 @@ def test_shipped_tiny_pipeline_is_valid():
     assert pipeline.nodes[0].parameters["config"].train.steps == 30
     assert pipeline.nodes[3].inputs["model_dir"].node == "finetune"
     assert {n.component.executor for n in pipeline.nodes} == {
-        "keras_llm.training.pretrain:pretrain", "keras_llm.training.finetune:finetune",
+        "keras_llm.training.pretrain:pretrain", "keras_llm.pipeline.executors:finetune",
         "keras_llm.tuning:tune", "keras_llm.export:export"}
 
 
@@ -377,6 +377,32 @@ def test_pretrain_declaration_matches_its_executor():
     except ImportError as e:
         pytest.skip(f"keras_llm.training.pretrain does not import yet: {e}")
     pretrain.resolve_executor({"config": None, "output_dir": "x"})
+
+
+@pytest.mark.parametrize("name", sorted(COMPONENTS))
+def test_every_declaration_matches_its_executor(name):
+    # pipeline-tiny once failed at its finetune step: the declaration named
+    # training.finetune:finetune, which takes a FinetuneOptions, not the parameters.
+    component = COMPONENTS[name]
+    arguments = {**{input_name: "in" for input_name in component.inputs},
+                 **{output: "out" for output in component.outputs},
+                 **{p.name: p.default for p in component.parameters}}
+    component.resolve_executor(arguments)
+
+
+def test_finetune_executor_passes_the_parameters_as_options(monkeypatch):
+    from keras_llm.pipeline import executors
+    from keras_llm.training import finetune as training
+
+    calls = []
+    monkeypatch.setattr(training, "finetune", lambda *args: calls.append(args) or {})
+    parameters = {p.name: p.default for p in COMPONENTS["finetune"].parameters}
+    executors.finetune(pretrained="runs/p", output_dir="runs/f",
+                       **{**parameters, "epochs": 2, "max_length": 32})
+    options, pretrained, output_dir = calls[0]
+    assert (pretrained, output_dir) == ("runs/p", "runs/f")
+    assert (options.epochs, options.max_seq_len, options.data) == (2, 32, "builtin")
+    assert options.learning_rate == parameters["learning_rate"]
 
 
 # ---------------------------------------------------------------------------- command line
