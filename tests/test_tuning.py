@@ -338,6 +338,20 @@ def test_search_writes_results_best_config_and_model(tmp_path, corpus):
     assert len(results["trials"]) == 1
 
 
+def test_pretrain_trial_stops_early_when_the_objective_stalls(tmp_path, corpus):
+    # A learning rate of 1e-30 leaves every weight as it was: the validation loss of the
+    # second evaluation equals the first, and patience 1 ends the trial there.
+    path = write_space(tmp_path, corpus, {"train.learning_rate": {"fixed": 1.0e-30}})
+    results = tuning.tune(path, str(tmp_path / "search"), max_trials=1, steps_per_trial=12,
+                          patience=1, in_process=True)
+    (trial,) = results["trials"]
+    assert trial["status"] == "COMPLETED" and trial["steps"] == 12  # the budget
+    assert trial["metrics"]["steps"] == 6  # evaluations at steps 3 and 6, then it stopped
+    no_patience = tuning.tune(path, str(tmp_path / "full"), max_trials=1, steps_per_trial=12,
+                              patience=None, in_process=True)
+    assert no_patience["trials"][0]["metrics"]["steps"] == 12
+
+
 def test_summary_of_a_missing_search_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["tune", "--summary", "--output-dir", str(tmp_path)])
     assert result.exit_code == 1

@@ -88,11 +88,13 @@ def steps_and_intervals(config, steps_per_data_epoch):
 
 
 def pretrain(config, output_dir, tokenizer_path=None, overwrite=False, command=None,
-             verbose=1, restart=False):
+             verbose=1, restart=False, callbacks=None):
     """Trains `config`'s model on `config.data.source`; writes a model artifact to `output_dir`.
 
     A rerun in the same `output_dir` resumes from its checkpoints; `restart=True` starts over.
-    Returns the metrics dict written to `metrics.json`.
+    `callbacks` are more Keras callbacks, run after the built-in ones at every evaluation
+    (e.g. `EarlyStopping(monitor="val_loss")`: training ends when it sets
+    `model.stop_training`). Returns the metrics dict written to `metrics.json`.
     """
     check_output_dir(output_dir, overwrite, restart)
     keras.utils.set_random_seed(config.train.seed)
@@ -132,7 +134,7 @@ def pretrain(config, output_dir, tokenizer_path=None, overwrite=False, command=N
     # exp(loss) is a perplexity only when the loss is one token-level cross-entropy.
     callbacks = ([PerplexityLogger()] if objective.loss_is_token_cross_entropy else []) + (
         [keras.callbacks.TensorBoard(os.path.join(output_dir, artifacts.LOGS_DIR))] if chief
-        else [])
+        else []) + list(callbacks or [])
     started = time.time()
     history = loop.train(
         model, train_ds, steps, interval,
