@@ -3,8 +3,11 @@
 nanoGPT (Karpathy) publishes validation loss about 1.88 for its `shakespeare_char` config run
 on a CPU: 4 layers, 4 heads, width 128, context 64, batch 12, 2,000 iterations, lr 1e-3 with
 100 warmup steps and cosine decay to 1e-4, AdamW betas (0.9, 0.99), weight decay 0.1,
-gradient clipping 1.0, dropout 0. This script trains our `GPTCausalLM` with exactly that
-recipe through the product's path (`make_optimizer` + `keras.Model.fit`) and reports:
+gradient clipping 1.0, dropout 0, no biases (train.py's `bias=False`), GPT-2's
+initialization (N(0, 0.02), residual output kernels scaled by 1/sqrt(2 * layers)). This
+script trains our `GPTCausalLM` with exactly that recipe through the product's path
+(`make_optimizer` + `keras.Model.fit`), once per seed, and reports (mean and standard
+deviation over seeds):
 
 - `val_loss`: nanoGPT's estimate, the mean loss of `eval_iters` (20) random validation
   batches, every `eval_interval` steps and at the end (the number compared with 1.88);
@@ -15,6 +18,7 @@ recipe through the product's path (`make_optimizer` + `keras.Model.fit`) and rep
 Split as nanoGPT's `prepare.py`: first 90% of the characters train, last 10% validation.
 
     python benchmarks/shakespeare_char.py            # full run (minutes on a laptop CPU)
+    python benchmarks/shakespeare_char.py --seeds 1337,1338,1339   # three runs
     python benchmarks/shakespeare_char.py --quick    # smoke run
 """
 import argparse
@@ -37,7 +41,14 @@ def parse_args():
     parser.add_argument("--eval-interval", type=int, default=None, help="(250)")
     parser.add_argument("--eval-iters", type=int, default=None, help="(20)")
     parser.add_argument("--jit-compile", choices=["auto", "true", "false"], default="auto")
+    parser.add_argument("--seeds", default=None,
+                        help="comma list of seeds, one training run each (default: --seed); "
+                             "the result is their mean and standard deviation")
+    parser.add_argument("--bias", action="store_true",
+                        help="biases in projections and layer norms (nanoGPT's --bias=True; "
+                             "its default, used here, is without)")
     args = benchlib.start(parser)
+    args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     quick = args.quick
     args.steps = args.steps or (20 if quick else 2000)
     args.eval_interval = args.eval_interval or (10 if quick else 250)
@@ -77,17 +88,17 @@ def contiguous_windows(ids, context, limit=None):
     return x, y
 
 
-def main():
-    args = parse_args()
-    train_ids, val_ids, vocabulary = load_characters(args.data)  # fails fast without data
+def train_and_evaluate(args, seed, train_ids, val_ids, vocabulary):
+    """One training run of nanoGPT's recipe from `seed`; returns its result record."""
     import keras
 
     from keras_llm.config import ModelConfig, TrainConfig
     from keras_llm.models.gpt import GPTBackbone, GPTCausalLM
     from keras_llm.training.optim import make_optimizer
 
-    keras.utils.set_random_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
 
     # nanoGPT shakespeare_char, CPU variant (its README's command line).
     model_config = ModelConfig(
@@ -97,10 +108,11 @@ def main():
     train_config = TrainConfig(
         batch_size=12, steps=args.steps, learning_rate=1e-3, min_learning_rate_ratio=0.1,
         warmup_steps=100, weight_decay=0.1, beta_2=0.99, clip_norm=1.0,
-        eval_every=args.eval_interval, eval_steps=args.eval_iters, seed=args.seed)
+        eval_every=args.eval_interval, eval_steps=args.eval_iters, seed=seed)
     context, batch_size = model_config.max_length, train_config.batch_size
 
-    model = GPTCausalLM(GPTBackbone.from_model_config(model_config))
+    # nanoGPT's train.py defaults to bias=False (no biases in Linear and LayerNorm layers).
+    model = GPTCausalLM(GPTBackbone.from_model_config(model_config, use_bias=args.bias))
     model.compile(
         optimizer=make_optimizer(train_config, total_steps=train_config.steps),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -133,8 +145,9 @@ def main():
             entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss,
                      "val_loss_stderr": val_stderr, "elapsed_s": time.perf_counter() - t0}
             history.append(entry)
-            print(f"step {step:5d}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
-                  f"(+-{val_stderr:.3f}), {entry['elapsed_s']:.1f} s")
+            print(f"seed {seed} step {step:5d}: train loss {train_loss:.4f}, val loss "
+                  f"{val_loss:.4f} (+-{val_stderr:.3f}), {entry['elapsed_s']:.1f} s",
+                  flush=True)
 
     epochs = max(train_config.steps // train_config.eval_every, 1)
     t0 = time.perf_counter()
@@ -143,34 +156,70 @@ def main():
 
     val_x, val_y = contiguous_windows(val_ids, context, limit=64 if args.quick else None)
     full_val_loss = float(model.evaluate(val_x, val_y, batch_size=128, verbose=0))
-    val_loss = history[-1]["val_loss"]
     steps_done = epochs * train_config.eval_every
-    result = {
-        "target_val_loss": TARGET_VAL_LOSS,
-        "val_loss": val_loss,
+    return {
+        "seed": seed,
+        "val_loss": history[-1]["val_loss"],
         "val_loss_stderr": history[-1]["val_loss_stderr"],
         "full_val_loss": full_val_loss,
         "full_val_windows": int(len(val_x)),
         "train_loss": history[-1]["train_loss"],
-        "meets_target": bool(val_loss <= TARGET_VAL_LOSS),
         "steps": steps_done,
         "wall_time_s": round(wall_time, 2),
         "ms_per_step": round(1000 * wall_time / steps_done, 2),
         "parameters": int(model.count_params()),
-        "vocabulary_size": len(vocabulary),
-        "train_characters": int(len(train_ids)),
-        "val_characters": int(len(val_ids)),
-        "model": model_config.__dict__,
+        "model": {**model_config.__dict__, "use_bias": args.bias},
         "train": train_config.__dict__,
         "history": history,
     }
-    rows = [["ours: GPTCausalLM (keras fit)",
-             f"{val_loss:.4f} +-{history[-1]['val_loss_stderr']:.3f}", f"{full_val_loss:.4f}",
-             f"{TARGET_VAL_LOSS:.2f}", "yes" if result["meets_target"] else "NO",
-             steps_done, f"{wall_time:.1f}", f"{result['ms_per_step']:.1f}"]]
+
+
+def mean_and_std(values):
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def main():
+    args = parse_args()
+    train_ids, val_ids, vocabulary = load_characters(args.data)  # fails fast without data
+    runs = [train_and_evaluate(args, seed, train_ids, val_ids, vocabulary)
+            for seed in args.seeds]
+    val_loss, val_loss_std = mean_and_std([r["val_loss"] for r in runs])
+    full_val_loss, full_val_loss_std = mean_and_std([r["full_val_loss"] for r in runs])
+    wall_time = float(np.mean([r["wall_time_s"] for r in runs]))
+    first = runs[0]
+    result = {
+        "target_val_loss": TARGET_VAL_LOSS,
+        "seeds": args.seeds,
+        # Over seeds: the mean, and the standard deviation of one run's estimate.
+        "val_loss": val_loss,
+        "val_loss_std": val_loss_std,
+        "full_val_loss": full_val_loss,
+        "full_val_loss_std": full_val_loss_std,
+        "meets_target": bool(val_loss <= TARGET_VAL_LOSS),
+        "steps": first["steps"],
+        "wall_time_s": round(wall_time, 2),
+        "ms_per_step": round(1000 * wall_time / first["steps"], 2),
+        "parameters": first["parameters"],
+        "vocabulary_size": len(vocabulary),
+        "train_characters": int(len(train_ids)),
+        "val_characters": int(len(val_ids)),
+        "model": first["model"],
+        "train": {**first["train"], "seed": None},
+        "history": first["history"],  # the first seed's
+        "runs": runs,
+    }
+    rows = [[f"ours: GPTCausalLM (keras fit), seed {r['seed']}",
+             f"{r['val_loss']:.4f} +-{r['val_loss_stderr']:.3f}", f"{r['full_val_loss']:.4f}",
+             "", "", r["steps"], f"{r['wall_time_s']:.1f}", f"{r['ms_per_step']:.1f}"]
+            for r in runs]
+    rows.append([f"mean +- std over {len(runs)} seed(s)",
+                 f"{val_loss:.4f} +-{val_loss_std:.3f}",
+                 f"{full_val_loss:.4f} +-{full_val_loss_std:.3f}", f"{TARGET_VAL_LOSS:.2f}",
+                 "yes" if result["meets_target"] else "NO", result["steps"],
+                 f"{wall_time:.1f}", f"{result['ms_per_step']:.1f}"])
     print(benchlib.format_table(
-        ["model", "val loss (20 batches)", "full val loss", "target", "met", "steps",
-         "wall s", "ms/step"], rows))
+        ["model", "val loss (20 batches)", "full val loss", "target", "met",
+         "steps", "wall s", "ms/step"], rows))
     name = "shakespeare_char" + ("_quick" if args.quick else "")
     print("wrote", benchlib.write_result(name, args, result))
 

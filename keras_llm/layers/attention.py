@@ -63,6 +63,8 @@ class MultiHeadAttention(keras.layers.Layer):
         use_bias: whether the projections have biases.
         kernel_initializer: initializer of the projection kernels.
         bias_initializer: initializer of the projection biases.
+        output_kernel_initializer: initializer of the output projection's kernel; defaults
+            to `kernel_initializer` (GPT-2 shrinks it: it writes into the residual stream).
 
     Example:
 
@@ -77,7 +79,7 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def __init__(self, num_heads, key_dim, value_dim=None, output_dim=None, dropout=0.0,
                  use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
-                 **kwargs):
+                 output_kernel_initializer=None, **kwargs):
         super().__init__(**kwargs)
         check_positive("num_heads", num_heads)
         check_positive("key_dim", key_dim)
@@ -93,6 +95,8 @@ class MultiHeadAttention(keras.layers.Layer):
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.output_kernel_initializer = keras.initializers.get(
+            output_kernel_initializer or kernel_initializer)
         self._dropout_layer = keras.layers.Dropout(dropout)
 
     def build(self, query_shape, value_shape=None):
@@ -104,15 +108,17 @@ class MultiHeadAttention(keras.layers.Layer):
         self.query_kernel = self._kernel("query_kernel", (query_size, heads_key))
         self.key_kernel = self._kernel("key_kernel", (value_size, heads_key))
         self.value_kernel = self._kernel("value_kernel", (value_size, heads_value))
-        self.output_kernel = self._kernel("output_kernel", (heads_value, output_size))
+        self.output_kernel = self._kernel("output_kernel", (heads_value, output_size),
+                                          self.output_kernel_initializer)
         if self.use_bias:
             self.query_bias = self._bias("query_bias", heads_key)
             self.key_bias = self._bias("key_bias", heads_key)
             self.value_bias = self._bias("value_bias", heads_value)
             self.output_bias = self._bias("output_bias", output_size)
 
-    def _kernel(self, name, shape):
-        return self.add_weight(name=name, shape=shape, initializer=self.kernel_initializer)
+    def _kernel(self, name, shape, initializer=None):
+        return self.add_weight(name=name, shape=shape,
+                               initializer=initializer or self.kernel_initializer)
 
     def _bias(self, name, size):
         return self.add_weight(name=name, shape=(size,), initializer=self.bias_initializer)
@@ -231,5 +237,7 @@ class MultiHeadAttention(keras.layers.Layer):
             "use_bias": self.use_bias,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "output_kernel_initializer": keras.initializers.serialize(
+                self.output_kernel_initializer),
         })
         return config

@@ -25,6 +25,9 @@ class FeedForward(keras.layers.Layer):
         intermediate_size: width of the hidden layer.
         activation: "gelu", "gelu_tanh" or "relu".
         kernel_initializer: initializer of both kernels.
+        use_bias: whether both layers have biases.
+        output_kernel_initializer: initializer of the second kernel; defaults to
+            `kernel_initializer` (GPT-2 shrinks it: it writes into the residual stream).
 
     Example:
 
@@ -33,22 +36,25 @@ class FeedForward(keras.layers.Layer):
     """
 
     def __init__(self, intermediate_size, activation="gelu", kernel_initializer="glorot_uniform",
-                 **kwargs):
+                 use_bias=True, output_kernel_initializer=None, **kwargs):
         super().__init__(**kwargs)
         check_positive("intermediate_size", intermediate_size)
         self.intermediate_size = intermediate_size
         self.activation = activation
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.use_bias = use_bias
+        self.output_kernel_initializer = keras.initializers.get(
+            output_kernel_initializer or kernel_initializer)
         self._activation_fn = get_activation(activation)
 
     def build(self, input_shape):
         self.intermediate_dense = keras.layers.Dense(
             self.intermediate_size, kernel_initializer=self.kernel_initializer,
-            dtype=self.dtype_policy, name="intermediate_dense")
+            use_bias=self.use_bias, dtype=self.dtype_policy, name="intermediate_dense")
         self.intermediate_dense.build(input_shape)
         self.output_dense = keras.layers.Dense(
-            input_shape[-1], kernel_initializer=self.kernel_initializer,
-            dtype=self.dtype_policy, name="output_dense")
+            input_shape[-1], kernel_initializer=self.output_kernel_initializer,
+            use_bias=self.use_bias, dtype=self.dtype_policy, name="output_dense")
         self.output_dense.build((*input_shape[:-1], self.intermediate_size))
 
     def call(self, x):
@@ -57,7 +63,10 @@ class FeedForward(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "intermediate_size": self.intermediate_size,
                 "activation": self.activation,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "use_bias": self.use_bias,
+                "output_kernel_initializer": keras.initializers.serialize(
+                    self.output_kernel_initializer)}
 
 
 class _TransformerBlock(keras.layers.Layer):
@@ -65,7 +74,8 @@ class _TransformerBlock(keras.layers.Layer):
 
     def __init__(self, num_heads, intermediate_size, dropout=0.0, activation="gelu",
                  norm_first=False, layer_norm_epsilon=1e-5,
-                 kernel_initializer="glorot_uniform", **kwargs):
+                 kernel_initializer="glorot_uniform", use_bias=True,
+                 output_kernel_initializer=None, **kwargs):
         super().__init__(**kwargs)
         check_positive("num_heads", num_heads)
         check_positive("intermediate_size", intermediate_size)
@@ -78,6 +88,9 @@ class _TransformerBlock(keras.layers.Layer):
         self.norm_first = norm_first
         self.layer_norm_epsilon = layer_norm_epsilon
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.use_bias = use_bias
+        self.output_kernel_initializer = keras.initializers.get(
+            output_kernel_initializer or kernel_initializer)
         self._dropout_layer = keras.layers.Dropout(dropout)
 
     def _attention(self, hidden, name):
@@ -86,17 +99,21 @@ class _TransformerBlock(keras.layers.Layer):
                 f"hidden size {hidden} is not divisible by num_heads={self.num_heads}")
         return MultiHeadAttention(
             self.num_heads, hidden // self.num_heads, dropout=self.dropout,
-            kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy, name=name)
+            use_bias=self.use_bias, kernel_initializer=self.kernel_initializer,
+            output_kernel_initializer=self.output_kernel_initializer,
+            dtype=self.dtype_policy, name=name)
 
     def _norm(self, name, input_shape):
         norm = keras.layers.LayerNormalization(
-            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name=name)
+            epsilon=self.layer_norm_epsilon, center=self.use_bias, dtype=self.dtype_policy,
+            name=name)
         norm.build(input_shape)
         return norm
 
     def _build_feedforward(self, input_shape):
         self.feedforward = FeedForward(
             self.intermediate_size, self.activation, self.kernel_initializer,
+            use_bias=self.use_bias, output_kernel_initializer=self.output_kernel_initializer,
             dtype=self.dtype_policy, name="feedforward")
         self.feedforward.build(input_shape)
         self.feedforward_norm = self._norm("feedforward_norm", input_shape)
@@ -127,7 +144,10 @@ class _TransformerBlock(keras.layers.Layer):
                 "intermediate_size": self.intermediate_size, "dropout": self.dropout,
                 "activation": self.activation, "norm_first": self.norm_first,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "use_bias": self.use_bias,
+                "output_kernel_initializer": keras.initializers.serialize(
+                    self.output_kernel_initializer)}
 
 
 @keras.saving.register_keras_serializable(package="keras_llm")
@@ -146,6 +166,10 @@ class TransformerEncoderBlock(_TransformerBlock):
         norm_first: pre-layer-norm when True, post-layer-norm when False.
         layer_norm_epsilon: epsilon of the layer norms.
         kernel_initializer: initializer of all kernels.
+        use_bias: whether the projections and layer norms have biases (offsets).
+        output_kernel_initializer: initializer of the attention and feed-forward output
+            kernels, the ones that write into the residual stream; defaults to
+            `kernel_initializer` (GPT-2 scales it by `1 / sqrt(2 * num_layers)`).
 
     Example:
 
@@ -193,6 +217,10 @@ class TransformerDecoderBlock(_TransformerBlock):
         norm_first: pre-layer-norm when True, post-layer-norm when False.
         layer_norm_epsilon: epsilon of the layer norms.
         kernel_initializer: initializer of all kernels.
+        use_bias: whether the projections and layer norms have biases (offsets).
+        output_kernel_initializer: initializer of the attention and feed-forward output
+            kernels, the ones that write into the residual stream; defaults to
+            `kernel_initializer` (GPT-2 scales it by `1 / sqrt(2 * num_layers)`).
 
     Example:
 

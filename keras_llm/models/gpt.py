@@ -15,8 +15,14 @@ from keras_llm.layers import (
 )
 from keras_llm.layers.validation import check_positive
 
-# GPT-2 initializes every kernel from N(0, 0.02).
+# GPT-2 (and nanoGPT) draw every kernel and embedding from N(0, 0.02); the kernels that
+# write into the residual stream get 0.02 / sqrt(2 * num_layers), so the stream's variance
+# does not grow with depth (two residual additions per block).
 INITIALIZER_STDDEV = 0.02
+
+
+def residual_initializer_stddev(num_layers):
+    return INITIALIZER_STDDEV / (2 * num_layers) ** 0.5
 
 
 @keras.saving.register_keras_serializable(package="keras_llm")
@@ -35,6 +41,12 @@ class GPTBackbone(keras.Model):
         norm_first: pre-layer-norm blocks plus a final norm (GPT-2) when True.
         position: "learned" (GPT-2) or "sinusoidal" position encoding.
         layer_norm_epsilon: epsilon of the layer norms.
+        use_bias: biases in the projections and layer norms (GPT-2); nanoGPT trains without
+            them by default (`bias=False`: slightly better and faster).
+
+    Weights start as GPT-2's and nanoGPT's: kernels and embeddings from N(0, 0.02), the
+    attention and feed-forward output kernels from N(0, 0.02 / sqrt(2 * num_layers)),
+    biases at zero.
 
     Example:
 
@@ -49,7 +61,7 @@ class GPTBackbone(keras.Model):
 
     def __init__(self, vocabulary_size, num_layers, num_heads, hidden_size, intermediate_size,
                  max_length, dropout=0.0, activation="gelu_tanh", norm_first=True,
-                 position="learned", layer_norm_epsilon=1e-5, **kwargs):
+                 position="learned", layer_norm_epsilon=1e-5, use_bias=True, **kwargs):
         super().__init__(**kwargs)
         for name, value in (("vocabulary_size", vocabulary_size), ("num_layers", num_layers),
                             ("num_heads", num_heads), ("hidden_size", hidden_size),
@@ -59,7 +71,9 @@ class GPTBackbone(keras.Model):
             raise ValueError(
                 f"hidden_size must be divisible by num_heads; got hidden_size={hidden_size}, "
                 f"num_heads={num_heads}")
-        initializer = keras.initializers.TruncatedNormal(stddev=INITIALIZER_STDDEV)
+        initializer = keras.initializers.RandomNormal(stddev=INITIALIZER_STDDEV)
+        residual_initializer = keras.initializers.RandomNormal(
+            stddev=residual_initializer_stddev(num_layers))
         self.token_embedding = ReversibleEmbedding(
             vocabulary_size, hidden_size, tie_weights=True,
             embeddings_initializer=initializer, dtype=self.dtype_policy, name="token_embedding")
@@ -77,11 +91,13 @@ class GPTBackbone(keras.Model):
             TransformerDecoderBlock(
                 num_heads, intermediate_size, dropout=dropout, activation=activation,
                 norm_first=norm_first, layer_norm_epsilon=layer_norm_epsilon,
-                kernel_initializer=initializer, dtype=self.dtype_policy, name=f"block_{i}")
+                kernel_initializer=initializer, use_bias=use_bias,
+                output_kernel_initializer=residual_initializer, dtype=self.dtype_policy,
+                name=f"block_{i}")
             for i in range(num_layers)
         ]
         self.final_norm = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=self.dtype_policy,
+            epsilon=layer_norm_epsilon, center=use_bias, dtype=self.dtype_policy,
             name="final_norm") if norm_first else None
         self.vocabulary_size = vocabulary_size
         self.num_layers = num_layers
@@ -94,6 +110,7 @@ class GPTBackbone(keras.Model):
         self.norm_first = norm_first
         self.position = position
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.use_bias = use_bias
 
     def build(self, input_shape):
         hidden_shape = (*input_shape, self.hidden_size)
@@ -153,11 +170,13 @@ class GPTBackbone(keras.Model):
             "norm_first": self.norm_first,
             "position": self.position,
             "layer_norm_epsilon": self.layer_norm_epsilon,
+            "use_bias": self.use_bias,
         }
 
     @classmethod
-    def from_model_config(cls, model_config, vocabulary_size=None):
-        """Builds from a `keras_llm.config.ModelConfig`; the tokenizer may set the vocabulary."""
+    def from_model_config(cls, model_config, vocabulary_size=None, **overrides):
+        """Builds from a `keras_llm.config.ModelConfig`; the tokenizer may set the vocabulary,
+        and `overrides` set constructor arguments the config has no key for (`use_bias`)."""
         return cls(
             vocabulary_size=vocabulary_size or model_config.vocab_size,
             num_layers=model_config.num_layers, num_heads=model_config.num_heads,
@@ -166,7 +185,8 @@ class GPTBackbone(keras.Model):
             max_length=model_config.max_length, dropout=model_config.dropout,
             activation=model_config.activation, norm_first=model_config.norm_first,
             position=model_config.position,
-            layer_norm_epsilon=model_config.layer_norm_epsilon, name="gpt_backbone")
+            layer_norm_epsilon=model_config.layer_norm_epsilon,
+            **{"name": "gpt_backbone", **overrides})
 
 
 @keras.saving.register_keras_serializable(package="keras_llm")

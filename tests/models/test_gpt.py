@@ -36,6 +36,7 @@ def assert_close(actual, expected, tolerance=1e-5):
 @pytest.mark.parametrize("overrides", [
     {},
     {"norm_first": False, "position": "sinusoidal", "activation": "relu"},
+    {"use_bias": False},
 ])
 def test_call_with_cache_equals_full_forward_pass(overrides):
     model = make_lm(**overrides)
@@ -107,6 +108,32 @@ def test_config_round_trip():
     assert restored_model.backbone.get_config() == config
 
 
+def test_initialization_follows_gpt2():
+    keras.utils.set_random_seed(0)
+    backbone = GPTBackbone(vocabulary_size=512, num_layers=8, num_heads=4, hidden_size=128,
+                           intermediate_size=512, max_length=64)
+    backbone.build((None, None))
+    block = backbone.blocks[0]
+    std = lambda weight: float(np.std(ops.convert_to_numpy(weight)))
+    # Residual writers: 0.02 / sqrt(2 * 8 layers) = 0.005; everything else N(0, 0.02).
+    for weight in (block.self_attention.output_kernel, block.feedforward.output_dense.kernel):
+        assert std(weight) == pytest.approx(0.005, rel=0.05)
+    for weight in (block.self_attention.query_kernel, block.feedforward.intermediate_dense.kernel,
+                   backbone.token_embedding.embeddings, backbone.position_embedding.embeddings):
+        assert std(weight) == pytest.approx(0.02, rel=0.05)
+    assert not np.any(ops.convert_to_numpy(block.self_attention.output_bias))
+
+
+def test_without_biases():
+    model = make_lm(use_bias=False)
+    names = [weight.path for weight in model.weights]
+    assert not [name for name in names if "bias" in name or "beta" in name]
+    assert model.backbone.get_config()["use_bias"] is False
+    restored = GPTBackbone.from_config(model.backbone.get_config())
+    restored.build((None, None))
+    assert len(restored.weights) == len(model.weights)
+
+
 def test_from_model_config_uses_the_tokenizer_vocabulary():
     model_config = ModelConfig(vocab_size=999, max_length=16, hidden_size=8, num_layers=1,
                                num_heads=2, intermediate_size=16, position="sinusoidal")
@@ -114,6 +141,7 @@ def test_from_model_config_uses_the_tokenizer_vocabulary():
     assert (backbone.vocabulary_size, backbone.max_length, backbone.position) == (
         30, 16, "sinusoidal")
     assert GPTBackbone.from_model_config(model_config).vocabulary_size == 999
+    assert GPTBackbone.from_model_config(model_config, use_bias=False).use_bias is False
 
 
 def test_save_and_load_keras_file(tmp_path):
