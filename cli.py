@@ -152,7 +152,7 @@ def generate(model_dir, prompts, max_new_tokens, sampler, num_beams, temperature
         raise click.BadParameter(
             f"must be below the model's context length ({artifact.model.backbone.max_length})",
             param_hint="--max-new-tokens")
-    generator = make_generator(artifact.model, artifact.tokenizer)
+    generator = make_generator(artifact.model, artifact.tokenizer, artifact.target_tokenizer)
     prompts = list(prompts) or [""]
     outputs = generator.generate(prompts, max_new_tokens=max_new_tokens, sampler=sampler,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

@@ -2,7 +2,9 @@
 
 Layout (`MODEL_DIR/`):
     model.keras      weights and architecture, loaded with `safe_mode=True`
-    tokenizer/       the tokenizer's files
+    tokenizer/       the tokenizer's files (a seq2seq model's source tokenizer)
+    target_tokenizer/  a seq2seq model's target tokenizer, only when the target has its own
+                     vocabulary (`model.target_vocab_size`); absent: `tokenizer/` serves both
     config.yaml      the resolved config the model was trained with
     metrics.json     final metrics
     metadata.json    how it was made: artifact type, command, config, data source and
@@ -30,6 +32,7 @@ from keras_llm.errors import ArtifactError
 
 MODEL_FILE = "model.keras"
 TOKENIZER_DIR = "tokenizer"
+TARGET_TOKENIZER_DIR = "target_tokenizer"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 METADATA_FILE = "metadata.json"
@@ -99,8 +102,10 @@ def make_metadata(artifact_type, config, data=None, parent=None, command=None, e
     }
 
 
-def save_model_artifact(output_dir, model, tokenizer, config, metrics, metadata):
-    """Writes a complete model artifact; `metadata.json` last."""
+def save_model_artifact(output_dir, model, tokenizer, config, metrics, metadata,
+                        target_tokenizer=None):
+    """Writes a complete model artifact; `metadata.json` last. `target_tokenizer`: a seq2seq
+    model's own target tokenizer (None, or `tokenizer` itself, when the vocabulary is shared)."""
     os.makedirs(output_dir, exist_ok=True)
     fd, tmp_model = tempfile.mkstemp(dir=output_dir, prefix=".model.", suffix=".keras")
     os.close(fd)
@@ -111,6 +116,13 @@ def save_model_artifact(output_dir, model, tokenizer, config, metrics, metadata)
         if os.path.exists(tmp_model):
             os.remove(tmp_model)
     tokenizer.save(os.path.join(output_dir, TOKENIZER_DIR))
+    target_dir = os.path.join(output_dir, TARGET_TOKENIZER_DIR)
+    if target_tokenizer is not None and target_tokenizer is not tokenizer:
+        target_tokenizer.save(target_dir)
+    elif os.path.isdir(target_dir):  # left by an overwritten artifact
+        import shutil
+
+        shutil.rmtree(target_dir)
     atomic_write(os.path.join(output_dir, CONFIG_FILE),
                  yaml.safe_dump(config.to_dict(), sort_keys=False))
     write_json(os.path.join(output_dir, METRICS_FILE), metrics)
@@ -123,7 +135,8 @@ def is_complete(model_dir):
 
 @dataclasses.dataclass
 class ModelArtifact:
-    """A loaded model artifact."""
+    """A loaded model artifact; `target_tokenizer` is `tokenizer` unless a seq2seq model's
+    target has its own vocabulary."""
 
     directory: str
     model: object
@@ -131,6 +144,11 @@ class ModelArtifact:
     config: Config
     metadata: dict
     metrics: dict
+    target_tokenizer: object = None
+
+    def __post_init__(self):
+        if self.target_tokenizer is None:
+            self.target_tokenizer = self.tokenizer
 
 
 def load_model_artifact(model_dir):
@@ -150,6 +168,9 @@ def load_model_artifact(model_dir):
     config = Config.from_dict(metadata["config"], where=os.path.join(model_dir, METADATA_FILE))
     model = keras.saving.load_model(os.path.join(model_dir, MODEL_FILE), safe_mode=True)
     tokenizer = load_tokenizer(os.path.join(model_dir, TOKENIZER_DIR))
+    target_dir = os.path.join(model_dir, TARGET_TOKENIZER_DIR)
+    target_tokenizer = load_tokenizer(target_dir) if os.path.isdir(target_dir) else None
     metrics_path = os.path.join(model_dir, METRICS_FILE)
     metrics = read_json(metrics_path) if os.path.exists(metrics_path) else {}
-    return ModelArtifact(model_dir, model, tokenizer, config, metadata, metrics)
+    return ModelArtifact(model_dir, model, tokenizer, config, metadata, metrics,
+                         target_tokenizer)

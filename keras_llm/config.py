@@ -54,6 +54,9 @@ class ModelConfig:
     embedding_size: typing.Optional[int] = None  # None: hidden_size (ELECTRA-small: 128)
     generator_hidden_size: typing.Optional[int] = None  # ELECTRA; None: hidden_size // 4
     num_decoder_layers: typing.Optional[int] = None  # seq2seq; None: num_layers
+    # seq2seq: None shares one vocabulary (vocab_size) between source, target and output;
+    # a number is the size of the target's own vocabulary (its own tokenizer and embedding).
+    target_vocab_size: typing.Optional[int] = None
 
     def validate(self, where):
         _check_choice(where, "model.family", self.family, MODEL_FAMILIES)
@@ -68,7 +71,8 @@ class ModelConfig:
                 f"model.num_heads ({self.num_heads})")
         _check_fraction(where, "model.dropout", self.dropout)
         _check_positive(where, "model.layer_norm_epsilon", self.layer_norm_epsilon)
-        for key in ("embedding_size", "generator_hidden_size", "num_decoder_layers"):
+        for key in ("embedding_size", "generator_hidden_size", "num_decoder_layers",
+                    "target_vocab_size"):
             if getattr(self, key) is not None:
                 _check_positive(where, f"model.{key}", getattr(self, key))
 
@@ -168,6 +172,12 @@ class Config:
                               f"{' or '.join(TASK_FAMILIES[self.task])}; got {self.model.family!r}")
         self.data.validate(where)
         self.train.validate(where)
+        if self.model.target_vocab_size is not None and self.task != "seq2seq":
+            raise ConfigError(
+                f"{where}: model.target_vocab_size (a separate target vocabulary) is for "
+                f"seq2seq translation fine-tuning; task {self.task} reads and writes one "
+                f"vocabulary (fine-tune with `keras-llm finetune --task seq2seq "
+                f"--target-vocab-size N`)")
         if self.data.seq_len > self.model.max_length:
             raise ConfigError(
                 f"{where}: data.seq_len ({self.data.seq_len}) exceeds model.max_length "

@@ -206,13 +206,16 @@ def _logsumexp(logits):
     return top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
 
 
-def seq2seq_token_accuracy(model, tokenizer, sources, targets, max_seq_len, batch_size=16):
-    """Teacher-forced next-token accuracy and loss of a `Seq2SeqLM` on real target tokens."""
+def seq2seq_token_accuracy(model, tokenizer, sources, targets, max_seq_len, batch_size=16,
+                           target_tokenizer=None):
+    """Teacher-forced next-token accuracy and loss of a `Seq2SeqLM` on real target tokens
+    (targets tokenized by `target_tokenizer` when the target has its own vocabulary)."""
     from keras import ops
 
     from keras_llm.data.labeled import seq2seq_arrays
 
-    features, target_ids, weights = seq2seq_arrays(sources, targets, tokenizer, max_seq_len)
+    features, target_ids, weights = seq2seq_arrays(sources, targets, tokenizer, max_seq_len,
+                                                   target_tokenizer=target_tokenizer)
     total_loss = correct = count = 0.0
     for batch, ids, w in zip(_batches(features, batch_size), _batches(target_ids, batch_size),
                              _batches(weights, batch_size)):
@@ -290,8 +293,8 @@ def _evaluate_seq2seq(artifact, data, columns, batch_size, sampler, num_beams):
     report = {"task": "seq2seq", "examples": len(examples["text"]),
               **{f"{k}": v for k, v in seq2seq_token_accuracy(
                   artifact.model, artifact.tokenizer, examples["text"], examples["target"],
-                  max_seq_len, batch_size).items()}}
-    generator = Seq2SeqGenerator(artifact.model, artifact.tokenizer)
+                  max_seq_len, batch_size, artifact.target_tokenizer).items()}}
+    generator = Seq2SeqGenerator(artifact.model, artifact.tokenizer, artifact.target_tokenizer)
     outputs = []
     for start in range(0, len(examples["text"]), batch_size):
         outputs.extend(generator.generate(examples["text"][start:start + batch_size],
@@ -327,7 +330,9 @@ def evaluate_artifact(model_dir, data=None, columns=None, batch_size=32, sampler
         raise ArtifactError(f"{model_dir}: pass --data (the model was not fine-tuned on the "
                             f"built-in task)")
     model = artifact.model
-    if hasattr(model, "check_tokenizer"):
+    if isinstance(model, Seq2SeqLM):
+        model.check_tokenizer(artifact.tokenizer, artifact.target_tokenizer)
+    elif hasattr(model, "check_tokenizer"):
         model.check_tokenizer(artifact.tokenizer)
     columns = _artifact_columns(artifact, columns or {})
     if isinstance(model, TextClassifier):

@@ -95,6 +95,20 @@ def graph_tokenizer(tokenizer):
     return layer
 
 
+def target_graph_detokenizer(tokenizer):
+    """What detokenizes a seq2seq model's own target vocabulary in the graph (`detokenize`).
+
+    A SentencePiece target gets a TF Text tokenizer with a name of its own: keras-hub's
+    layer leaves the TF Text model resource unnamed, and a SavedModel holding two unnamed
+    SentencePiece models decodes with the first one's after reloading (TF Text 2.21)."""
+    if tokenizer.kind == "sentencepiece":
+        import tensorflow_text
+
+        return tensorflow_text.SentencepieceTokenizer(model=tokenizer.files["spm.model"],
+                                                      name="target_sentencepiece")
+    return graph_tokenizer(tokenizer)
+
+
 def tokenize_in_graph(tokenizer, layer, texts):
     """string[b] -> int32 RaggedTensor[b, None], as `Tokenizer.tokenize` (lowercasing too)."""
     import tensorflow as tf
@@ -224,22 +238,25 @@ def gpt_generation(model, tokenizer, layer):
     return generate
 
 
-def seq2seq_generation(model, tokenizer, layer):
+def seq2seq_generation(model, tokenizer, layer, target_tokenizer=None, target_layer=None):
     """`generate(prompt, max_new_tokens, temperature, top_k) -> {"text"}` for a Seq2SeqLM,
     with `keras_llm.generation.Seq2SeqGenerator`'s layout: the encoder reads the source and
-    `[EOS]`, the decoder starts from `[CLS]`."""
+    `[EOS]`, the decoder starts from `[CLS]`. Outputs are detokenized by `target_layer`
+    (the target tokenizer's) when the target has its own vocabulary."""
     import tensorflow as tf
 
     backbone = model.backbone
     max_length = backbone.max_length
-    specials = tokenizer.special_token_ids()
+    source_specials = tokenizer.special_token_ids()
+    target_tokenizer, target_layer = target_tokenizer or tokenizer, target_layer or layer
+    specials = target_tokenizer.special_token_ids()
 
     def generate(prompt, max_new_tokens, temperature, top_k):
         check_max_new_tokens(max_new_tokens, max_length)
         ids = tokenize_in_graph(tokenizer, layer, prompt)[:, :max_length - 1]
         batch_size = ids.nrows(out_type=tf.int32)
-        ids = tf.concat([ids, tf.fill([batch_size, 1], specials["eos"])], axis=1)
-        encoder_ids = ids.to_tensor(default_value=specials["pad"])
+        ids = tf.concat([ids, tf.fill([batch_size, 1], source_specials["eos"])], axis=1)
+        encoder_ids = ids.to_tensor(default_value=source_specials["pad"])
         encoder_mask = tf.sequence_mask(ids.row_lengths(), tf.shape(encoder_ids)[1])
         cross_cache = backbone.cross_attention_cache(backbone.encode(encoder_ids, encoder_mask))
 
@@ -255,7 +272,7 @@ def seq2seq_generation(model, tokenizer, layer):
         _, cache = step(token_ids, backbone.empty_cache(batch_size, length), 0)
         token_ids = decoding_loop(step, token_ids, first, cache, specials["eos"], temperature,
                                   top_k)
-        return {"text": continuation_text(layer, tokenizer, token_ids,
+        return {"text": continuation_text(target_layer, target_tokenizer, token_ids,
                                           tf.ones([batch_size], tf.int32), max_new_tokens)}
 
     return generate
@@ -442,16 +459,23 @@ def generator_plan(artifact):
     else:
         from keras_llm.generation import TextGenerator as Generator
     module = _module(artifact.model, artifact.tokenizer)
-    make = seq2seq_generation if seq2seq else gpt_generation
+    if seq2seq:
+        target, target_layer = artifact.target_tokenizer, None
+        if target is not artifact.tokenizer:  # tracked too: its own tables are saved
+            module.target_tokenizer = target_layer = target_graph_detokenizer(target)
+        generation = seq2seq_generation(artifact.model, artifact.tokenizer, module.tokenizer,
+                                        target, target_layer)
+        generator = Generator(artifact.model, artifact.tokenizer, target)
+    else:
+        generation = gpt_generation(artifact.model, artifact.tokenizer, module.tokenizer)
+        generator = Generator(artifact.model, artifact.tokenizer)
     module.generate = tf.function(
-        make(artifact.model, artifact.tokenizer, module.tokenizer),
-        input_signature=[tf.TensorSpec(shape, dtype, name=name)
-                         for name, dtype, shape in GENERATION_SIGNATURE])
+        generation, input_signature=[tf.TensorSpec(shape, dtype, name=name)
+                                     for name, dtype, shape in GENERATION_SIGNATURE])
     generate = module.generate.get_concrete_function()
     max_new_tokens = min(8, artifact.model.backbone.max_length - 1)
     prompts = list(SAMPLE_PROMPTS)
-    greedy = Generator(artifact.model, artifact.tokenizer).generate(
-        prompts, max_new_tokens=max_new_tokens, sampler="greedy")
+    greedy = generator.generate(prompts, max_new_tokens=max_new_tokens, sampler="greedy")
     checks = [
         (_call("generate", prompt=prompts, max_new_tokens=max_new_tokens, temperature=0.0,
                top_k=1), {"text": [str(text) for text in greedy]}),

@@ -203,35 +203,40 @@ def beam_search(step, cache, prompt, length, num_beams, end_token_id, pad_token_
 
 
 class Seq2SeqGenerator:
-    """Generates target text for source texts with a `Seq2SeqLM` and its tokenizer.
+    """Generates target text for source texts with a `Seq2SeqLM` and its tokenizers.
 
     The encoder reads each source followed by `[EOS]`; the decoder starts from `[CLS]` and
     stops at `[EOS]` (the layout of `keras_llm.data.labeled.seq2seq_arrays`).
 
     Args:
         model: a `Seq2SeqLM`.
-        tokenizer: the model's tokenizer.
+        tokenizer: the model's (source) tokenizer.
+        target_tokenizer: the target tokenizer when the target has its own vocabulary
+            (an artifact's `target_tokenizer`); default: `tokenizer`.
 
     Example (with a trained artifact):
 
-        generator = Seq2SeqGenerator(model, tokenizer)
+        generator = Seq2SeqGenerator(model, tokenizer, target_tokenizer)
         generator.generate(["a man rides a horse ."], sampler="beam", num_beams=4)
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, target_tokenizer=None):
         self.model = model
         self.tokenizer = tokenizer
-        specials = tokenizer.special_token_ids()
+        self.target_tokenizer = target_tokenizer or tokenizer
+        source = tokenizer.special_token_ids()
+        self.source_end_token_id, self.source_pad_token_id = source["eos"], source["pad"]
+        specials = self.target_tokenizer.special_token_ids()
         self.end_token_id, self.start_token_id = specials["eos"], specials["cls"]
         self.pad_token_id = specials["pad"]
         self._compiled = {}
 
     def encoder_inputs(self, sources):
         max_length = self.model.backbone.max_length
-        encoded = [ids[:max_length - 1] + [self.end_token_id]
+        encoded = [ids[:max_length - 1] + [self.source_end_token_id]
                    for ids in self.tokenizer.encode(list(sources))]
         width = max(len(ids) for ids in encoded)
-        token_ids = np.full((len(encoded), width), self.pad_token_id, "int32")
+        token_ids = np.full((len(encoded), width), self.source_pad_token_id, "int32")
         mask = np.zeros((len(encoded), width), bool)
         for row, ids in enumerate(encoded):
             token_ids[row, :len(ids)] = ids
@@ -285,16 +290,17 @@ class Seq2SeqGenerator:
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         new_ids = self.generate_ids(list(sources), max_new_tokens, sampler, num_beams,
                                     length_penalty, **options)
-        return [self.tokenizer.decode(ids) for ids in new_ids]
+        return [self.target_tokenizer.decode(ids) for ids in new_ids]
 
 
-def make_generator(model, tokenizer):
+def make_generator(model, tokenizer, target_tokenizer=None):
     """The generator for a model artifact's model: GPT -> `TextGenerator`, seq2seq ->
-    `Seq2SeqGenerator`; other models cannot generate text (`ArtifactError`)."""
+    `Seq2SeqGenerator` (with `target_tokenizer`, the artifact's, for its outputs); other
+    models cannot generate text (`ArtifactError`)."""
     from keras_llm.models import GPTCausalLM, Seq2SeqLM
 
     if isinstance(model, Seq2SeqLM):
-        return Seq2SeqGenerator(model, tokenizer)
+        return Seq2SeqGenerator(model, tokenizer, target_tokenizer)
     if isinstance(model, GPTCausalLM):
         return TextGenerator(model, tokenizer)
     raise ArtifactError(f"a {type(model).__name__} does not generate text; generate needs a "

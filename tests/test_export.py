@@ -440,7 +440,8 @@ def test_classifier_export_serves_probabilities_and_labels(tmp_path):
 
 
 @pytest.mark.slow
-def test_seq2seq_export_generates_like_the_keras_model(tmp_path):
+@pytest.mark.parametrize("separate_vocabularies", [False, True])
+def test_seq2seq_export_generates_like_the_keras_model(tmp_path, separate_vocabularies):
     from keras_llm import generation
 
     if not hasattr(generation, "Seq2SeqGenerator"):
@@ -454,25 +455,38 @@ def test_seq2seq_export_generates_like_the_keras_model(tmp_path):
 
     keras.utils.set_random_seed(7)
     tokenizer = train_tokenizer("sentencepiece", [WORDS, "Open a file."] * 20, 60)
-    config = load_config("seq2seq-tiny", overrides={
-        "model.num_layers": 1, "model.num_decoder_layers": 1, "model.hidden_size": 16,
-        "model.num_heads": 2, "model.intermediate_size": 32, "model.max_length": 16,
-        "data.seq_len": 16})
+    tiny = {"model.num_layers": 1, "model.num_decoder_layers": 1, "model.hidden_size": 16,
+            "model.num_heads": 2, "model.intermediate_size": 32, "model.max_length": 16,
+            "data.seq_len": 16}
+    config = load_config("seq2seq-tiny", overrides=tiny)
+    # Separate: a target vocabulary of other words (and size), its own embedding.
+    target = (train_tokenizer("sentencepiece", ["Ein schneller Hund. Eine Datei."] * 40, 40)
+              if separate_vocabularies else None)
     backbone = Seq2SeqBackbone.from_model_config(
-        config.model, tokenizer.vocabulary_size(), tokenizer.special_token_ids())
+        config.model, tokenizer.vocabulary_size(), tokenizer.special_token_ids(),
+        *((target.vocabulary_size(), target.special_token_ids()) if target else ()))
     model = Seq2SeqLM(backbone)
     ones = np.ones((1, 4), "int32")
     model({"encoder_token_ids": ones, "encoder_padding_mask": ones > 0,
            "decoder_token_ids": ones, "decoder_padding_mask": ones > 0})
+    if target:  # as `keras-llm finetune --target-vocab-size` records it
+        config = load_config("seq2seq-tiny", overrides={
+            **tiny, "task": "seq2seq", "model.target_vocab_size": target.vocabulary_size()})
     model_dir = str(tmp_path / "seq2seq")
     save_model_artifact(model_dir, model, tokenizer, config, {},
-                        make_metadata("keras_llm.PretrainedModel", config))
+                        make_metadata("keras_llm.PretrainedModel", config),
+                        target_tokenizer=target)
     version_dir = export_lib.export(model_dir, str(tmp_path / "exports"))  # validated
     generate = tf.saved_model.load(version_dir).signatures["generate"]
     sources = ["the quick brown fox " * 6, "lazy dog"]
     texts = generate(prompt=tf.constant(sources), max_new_tokens=tf.constant(5),
                      temperature=tf.constant(0.0), top_k=tf.constant(1))["text"].numpy()
-    expected = generation.Seq2SeqGenerator(model, tokenizer).generate(
+    expected = generation.Seq2SeqGenerator(model, tokenizer, target).generate(
         sources, max_new_tokens=5, sampler="greedy")
     assert [t.decode("utf-8", "replace") for t in texts] == [str(t) for t in expected]
     assert all(expected)  # a real continuation, not an immediate end token
+    if target:  # decoded with the target vocabulary, not the source one
+        ids = generation.Seq2SeqGenerator(model, tokenizer, target).generate_ids(
+            sources, max_new_tokens=5)
+        assert [target.decode(row) for row in ids] == [str(t) for t in expected]
+        assert [tokenizer.decode(row) for row in ids] != [str(t) for t in expected]

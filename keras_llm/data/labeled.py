@@ -294,20 +294,25 @@ def _pad(ids, length, pad_id):
     return ids + [pad_id] * (length - len(ids)), [True] * len(ids) + [False] * (length - len(ids))
 
 
-def seq2seq_arrays(sources, targets, tokenizer, max_seq_len, start_role="cls"):
+def seq2seq_arrays(sources, targets, tokenizer, max_seq_len, start_role="cls",
+                   target_tokenizer=None):
     """Teacher-forcing arrays for an encoder-decoder model (the layout of its pretraining).
 
     Encoder: source + `[EOS]`. Decoder input: `[CLS]` (the start token) + target. Targets:
     target + `[EOS]`; weights 1.0 on real target tokens. Each side is truncated to
-    `max_seq_len` (keeping the closing `[EOS]` of the encoder) and padded.
+    `max_seq_len` (keeping the closing `[EOS]` of the encoder) and padded. Targets are
+    tokenized by `target_tokenizer` (separate vocabularies) or else by `tokenizer`.
     """
-    specials = tokenizer.special_token_ids()
+    target_tokenizer = target_tokenizer or tokenizer
+    source_specials = tokenizer.special_token_ids()
+    specials = target_tokenizer.special_token_ids()
     pad, eos, start = specials["pad"], specials["eos"], specials[start_role]
     features = {key: [] for key in ("encoder_token_ids", "encoder_padding_mask",
                                     "decoder_token_ids", "decoder_padding_mask")}
     target_ids, weights = [], []
-    for source, target in zip(tokenizer.encode(sources), tokenizer.encode(targets)):
-        ids, mask = _pad(source[:max_seq_len - 1] + [eos], max_seq_len, pad)
+    for source, target in zip(tokenizer.encode(sources), target_tokenizer.encode(targets)):
+        ids, mask = _pad(source[:max_seq_len - 1] + [source_specials["eos"]], max_seq_len,
+                         source_specials["pad"])
         features["encoder_token_ids"].append(ids)
         features["encoder_padding_mask"].append(mask)
         ids, mask = _pad([start] + target, max_seq_len, pad)
@@ -322,12 +327,12 @@ def seq2seq_arrays(sources, targets, tokenizer, max_seq_len, start_role="cls"):
 
 
 def seq2seq_dataset(sources, targets, tokenizer, max_seq_len, batch_size, shuffle=False,
-                    seed=0):
+                    seed=0, target_tokenizer=None):
     """Batches of `(features, target_ids, target_weights)` (see `seq2seq_arrays`)."""
     import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices(
-        seq2seq_arrays(sources, targets, tokenizer, max_seq_len))
+    dataset = tf.data.Dataset.from_tensor_slices(seq2seq_arrays(
+        sources, targets, tokenizer, max_seq_len, target_tokenizer=target_tokenizer))
     if shuffle:
         dataset = dataset.shuffle(len(sources), seed=seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

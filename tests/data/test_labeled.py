@@ -136,6 +136,22 @@ def test_seq2seq_arrays_follow_the_pretraining_layout(tokenizer):
     assert features["decoder_padding_mask"].dtype == bool
 
 
+def test_seq2seq_arrays_tokenize_targets_with_the_target_tokenizer(tokenizer):
+    target_tokenizer = train_tokenizer("wordpiece", ["eins zwei drei vier"] * 20, 60)
+    source_text, target_text = "alpha beta gamma", "drei eins zwei"
+    (source,), (target,) = (tokenizer.encode([source_text]),
+                            target_tokenizer.encode([target_text]))
+    assert target != tokenizer.encode([target_text])[0]
+    features, targets, weights = seq2seq_arrays([source_text], [target_text], tokenizer, 8,
+                                                target_tokenizer=target_tokenizer)
+    s = target_tokenizer.special_token_ids()
+    assert features["encoder_token_ids"][0].tolist() == (source + [s["eos"]] + [0] * 8)[:8]
+    assert features["decoder_token_ids"][0].tolist() == ([s["cls"]] + target + [0] * 8)[:8]
+    assert targets[0].tolist() == (target + [s["eos"]] + [0] * 8)[:8]
+    assert targets.max() < target_tokenizer.vocabulary_size()
+    assert weights[0].sum() == len(target) + 1
+
+
 def test_lm_blocks_score_every_token_after_the_first_once(tokenizer):
     texts = ["alpha beta gamma", "delta"]
     stream_length = 1 + sum(len(ids) + 1 for ids in tokenizer.encode(texts))
