@@ -47,6 +47,8 @@ def parse_args():
     parser.add_argument("--bias", action="store_true",
                         help="biases in projections and layer norms (nanoGPT's --bias=True; "
                              "its default, used here, is without)")
+    parser.add_argument("--decay-embeddings", action=argparse.BooleanOptionalAction,
+                        default=True, help="weight decay on the token and position tables")
     args = benchlib.start(parser)
     args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     quick = args.quick
@@ -94,7 +96,7 @@ def train_and_evaluate(args, seed, train_ids, val_ids, vocabulary):
 
     from keras_llm.config import ModelConfig, TrainConfig
     from keras_llm.models.gpt import GPTBackbone, GPTCausalLM
-    from keras_llm.training.optim import make_optimizer
+    from keras_llm.training.optim import NO_DECAY, make_optimizer
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
@@ -113,8 +115,13 @@ def train_and_evaluate(args, seed, train_ids, val_ids, vocabulary):
 
     # nanoGPT's train.py defaults to bias=False (no biases in Linear and LayerNorm layers).
     model = GPTCausalLM(GPTBackbone.from_model_config(model_config, use_bias=args.bias))
+    optimizer = make_optimizer(train_config, total_steps=train_config.steps)
+    if not args.decay_embeddings:
+        # nanoGPT's optimizer when it published 1.88 left nn.Embedding weights undecayed
+        # (the tied token table included); later versions decay every 2-D parameter.
+        optimizer.exclude_from_weight_decay(var_names=[*NO_DECAY, "embeddings"])
     model.compile(
-        optimizer=make_optimizer(train_config, total_steps=train_config.steps),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile={"auto": "auto", "true": True, "false": False}[args.jit_compile])
 

@@ -45,8 +45,9 @@ def merge_masks(padding_mask=None, attention_mask=None):
 class MultiHeadAttention(keras.layers.Layer):
     """Multi-head scaled dot-product attention (Vaswani et al., 2017).
 
-    Self-attention when `value` is omitted (one fused query/key/value projection),
-    cross-attention otherwise. Masks are explicit: `attention_mask` is a boolean
+    Self-attention when `value` is omitted, cross-attention otherwise. Built without a value
+    shape (self-attention), the layer keeps one fused `query_key_value_kernel` (and bias),
+    columns `[query | key | value]`; built with one, separate query, key and value kernels. Masks are explicit: `attention_mask` is a boolean
     `(batch, queries, keys)` tensor (True = may attend), `use_causal_mask=True` adds the
     causal constraint. For incremental decoding pass `cache` (shape
     `(batch, 2, max_length, num_heads, head_dim)`, keys then values) and `cache_index`
@@ -105,15 +106,26 @@ class MultiHeadAttention(keras.layers.Layer):
         heads_key = self.num_heads * self.key_dim
         heads_value = self.num_heads * self.value_dim
         output_size = self.output_dim or query_size
-        self.query_kernel = self._kernel("query_kernel", (query_size, heads_key))
-        self.key_kernel = self._kernel("key_kernel", (value_size, heads_key))
-        self.value_kernel = self._kernel("value_kernel", (value_size, heads_value))
+        # Built for self-attention (no value shape): one (hidden, q|k|v) kernel, so the three
+        # projections are one matmul with no per-step concatenation (and one optimizer slot).
+        self.fused = value_shape is None
+        if self.fused:
+            self.query_key_value_kernel = self._kernel(
+                "query_key_value_kernel", (query_size, 2 * heads_key + heads_value))
+        else:
+            self.query_kernel = self._kernel("query_kernel", (query_size, heads_key))
+            self.key_kernel = self._kernel("key_kernel", (value_size, heads_key))
+            self.value_kernel = self._kernel("value_kernel", (value_size, heads_value))
         self.output_kernel = self._kernel("output_kernel", (heads_value, output_size),
                                           self.output_kernel_initializer)
-        if self.use_bias:
+        if self.use_bias and self.fused:
+            self.query_key_value_bias = self._bias(
+                "query_key_value_bias", 2 * heads_key + heads_value)
+        elif self.use_bias:
             self.query_bias = self._bias("query_bias", heads_key)
             self.key_bias = self._bias("key_bias", heads_key)
             self.value_bias = self._bias("value_bias", heads_value)
+        if self.use_bias:
             self.output_bias = self._bias("output_bias", output_size)
 
     def _kernel(self, name, shape, initializer=None):
@@ -123,19 +135,40 @@ class MultiHeadAttention(keras.layers.Layer):
     def _bias(self, name, size):
         return self.add_weight(name=name, shape=(size,), initializer=self.bias_initializer)
 
+    def _projection_weights(self, name):
+        """`(kernel, bias)` of the "query", "key" or "value" projection (bias None without)."""
+        if not self.fused:
+            return (getattr(self, f"{name}_kernel"),
+                    getattr(self, f"{name}_bias") if self.use_bias else None)
+        heads_key = self.num_heads * self.key_dim
+        start, size = {"query": (0, heads_key), "key": (heads_key, heads_key),
+                       "value": (2 * heads_key, self.num_heads * self.value_dim)}[name]
+        kernel = ops.convert_to_tensor(self.query_key_value_kernel)[:, start:start + size]
+        bias = (ops.convert_to_tensor(self.query_key_value_bias)[start:start + size]
+                if self.use_bias else None)
+        return kernel, bias
+
     def _project(self, x, name, head_dim):
         """Projects `x` with the `name` ("query", "key" or "value") kernel into heads."""
-        y = ops.matmul(x, getattr(self, f"{name}_kernel"))
-        if self.use_bias:
-            y = y + getattr(self, f"{name}_bias")
+        kernel, bias = self._projection_weights(name)
+        y = ops.matmul(x, kernel)
+        if bias is not None:
+            y = y + bias
         return ops.reshape(y, (ops.shape(x)[0], ops.shape(x)[1], self.num_heads, head_dim))
 
     def _self_attention_qkv(self, x):
         # One matmul for q, k and v: on CPU three small GEMMs cost noticeably more than one.
-        kernel = ops.concatenate([self.query_kernel, self.key_kernel, self.value_kernel], axis=1)
+        if self.fused:
+            kernel = self.query_key_value_kernel
+            bias = self.query_key_value_bias if self.use_bias else None
+        else:
+            kernel = ops.concatenate([self.query_kernel, self.key_kernel, self.value_kernel],
+                                     axis=1)
+            bias = ops.concatenate([self.query_bias, self.key_bias, self.value_bias]) if (
+                self.use_bias) else None
         y = ops.matmul(x, kernel)
-        if self.use_bias:
-            y = y + ops.concatenate([self.query_bias, self.key_bias, self.value_bias])
+        if bias is not None:
+            y = y + bias
         heads_key = self.num_heads * self.key_dim
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         # split, not three slices: its gradient is one concat, where each slice's gradient

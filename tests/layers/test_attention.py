@@ -23,16 +23,36 @@ def randomize(layer, seed=0):
         weight.assign(random_normal(weight.shape, seed=seed + i, scale=0.3))
 
 
+def fused_or_separate(layer, theirs):
+    """`(our weight, reference value)` pairs for the query, key and value projections: a
+    self-attention layer holds them as one [q | k | v] kernel and bias (2-D, columns)."""
+    kernels = [np.reshape(ops.convert_to_numpy(t), (t.shape[0], -1)) for t in theirs["kernels"]]
+    biases = [np.reshape(ops.convert_to_numpy(t), (-1,)) for t in theirs["biases"]]
+    if layer.fused:
+        pairs = [(layer.query_key_value_kernel, np.concatenate(kernels, axis=1))]
+        if layer.use_bias:
+            pairs.append((layer.query_key_value_bias, np.concatenate(biases)))
+        return pairs
+    pairs = list(zip((layer.query_kernel, layer.key_kernel, layer.value_kernel), kernels))
+    if layer.use_bias:
+        pairs += list(zip((layer.query_bias, layer.key_bias, layer.value_bias), biases))
+    return pairs
+
+
+def reference_projections(reference):
+    """keras MHA's (or keras-hub's) query, key and value kernels and biases, 3-D as stored."""
+    denses = (reference._query_dense, reference._key_dense, reference._value_dense)
+    return {"kernels": [d.kernel for d in denses],
+            "biases": [d.bias for d in denses if d.bias is not None]}
+
+
 def copy_attention_weights(reference, layer):
     """keras MHA kernels are (in, heads, head_dim) / (heads, head_dim, out); ours are 2-D."""
-    for ours, theirs in ((layer.query_kernel, reference._query_dense.kernel),
-                         (layer.key_kernel, reference._key_dense.kernel),
-                         (layer.value_kernel, reference._value_dense.kernel),
-                         (layer.output_kernel, reference._output_dense.kernel),
-                         (layer.query_bias, reference._query_dense.bias),
-                         (layer.key_bias, reference._key_dense.bias),
-                         (layer.value_bias, reference._value_dense.bias),
-                         (layer.output_bias, reference._output_dense.bias)):
+    pairs = fused_or_separate(layer, reference_projections(reference))
+    pairs += [(layer.output_kernel, reference._output_dense.kernel)]
+    if layer.use_bias:
+        pairs += [(layer.output_bias, reference._output_dense.bias)]
+    for ours, theirs in pairs:
         ours.assign(np.reshape(ops.convert_to_numpy(theirs), ours.shape))
 
 
@@ -182,7 +202,7 @@ def test_config_round_trip():
         3, 4, 5, 6)
     output = restored(random_normal((BATCH, LENGTH, HIDDEN)))
     assert ops.shape(output) == (BATCH, LENGTH, 6)
-    assert len(restored.weights) == 4  # no biases
+    assert len(restored.weights) == 2  # no biases; one fused query|key|value kernel
 
 
 def test_save_and_load_keras_file(tmp_path):

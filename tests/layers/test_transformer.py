@@ -36,14 +36,22 @@ def copy_weights(pairs):
 
 
 def attention_pairs(ours, theirs):
-    return [(ours.query_kernel, theirs._query_dense.kernel),
-            (ours.query_bias, theirs._query_dense.bias),
-            (ours.key_kernel, theirs._key_dense.kernel),
-            (ours.key_bias, theirs._key_dense.bias),
-            (ours.value_kernel, theirs._value_dense.kernel),
-            (ours.value_bias, theirs._value_dense.bias),
-            (ours.output_kernel, theirs._output_dense.kernel),
-            (ours.output_bias, theirs._output_dense.bias)]
+    projections = (theirs._query_dense, theirs._key_dense, theirs._value_dense)
+    if ours.fused:  # self-attention: our [q | k | v] columns from keras-hub's three kernels
+        as_2d = lambda w, shape: np.reshape(ops.convert_to_numpy(w), shape)
+        pairs = [(ours.query_key_value_kernel, np.concatenate(
+                     [as_2d(d.kernel, (d.kernel.shape[0], -1)) for d in projections], axis=1)),
+                 (ours.query_key_value_bias, np.concatenate(
+                     [as_2d(d.bias, (-1,)) for d in projections]))]
+    else:
+        pairs = [(ours.query_kernel, theirs._query_dense.kernel),
+                 (ours.query_bias, theirs._query_dense.bias),
+                 (ours.key_kernel, theirs._key_dense.kernel),
+                 (ours.key_bias, theirs._key_dense.bias),
+                 (ours.value_kernel, theirs._value_dense.kernel),
+                 (ours.value_bias, theirs._value_dense.bias)]
+    return pairs + [(ours.output_kernel, theirs._output_dense.kernel),
+                    (ours.output_bias, theirs._output_dense.bias)]
 
 
 def layer_pairs(ours, theirs):
@@ -63,8 +71,8 @@ def block_pairs(block, reference):
         pairs += (attention_pairs(block.cross_attention_layer, reference._cross_attention_layer)
                   + layer_pairs(block.cross_attention_norm,
                                 reference._cross_attention_layer_norm))
-    # Every weight on both sides is mapped exactly once.
-    assert len(pairs) == len(block.weights) == len(reference.weights)
+    # Every weight of ours is mapped exactly once (a fused q|k|v kernel from three).
+    assert len(pairs) == len(block.weights)
     assert {id(ours) for ours, _ in pairs} == {id(w) for w in block.weights}
     return pairs
 

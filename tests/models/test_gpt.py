@@ -118,7 +118,7 @@ def test_initialization_follows_gpt2():
     # Residual writers: 0.02 / sqrt(2 * 8 layers) = 0.005; everything else N(0, 0.02).
     for weight in (block.self_attention.output_kernel, block.feedforward.output_dense.kernel):
         assert std(weight) == pytest.approx(0.005, rel=0.05)
-    for weight in (block.self_attention.query_kernel, block.feedforward.intermediate_dense.kernel,
+    for weight in (block.self_attention.query_key_value_kernel, block.feedforward.intermediate_dense.kernel,
                    backbone.token_embedding.embeddings, backbone.position_embedding.embeddings):
         assert std(weight) == pytest.approx(0.02, rel=0.05)
     assert not np.any(ops.convert_to_numpy(block.self_attention.output_bias))
