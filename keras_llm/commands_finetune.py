@@ -11,6 +11,11 @@ TASKS = ("classification", "causal_lm", "seq2seq")
 
 
 @click.command("finetune", context_settings={"show_default": True})
+@click.option("--config", "config_file", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="YAML of finetune options by name (learning_rate: 1.0e-3, ...), such as "
+                   "the best_config.yaml of `keras-llm tune` with target finetune; options "
+                   "given on the command line override it.")
 @click.option("--model", "pretrained_dir", default=None,
               type=click.Path(exists=True, file_okay=False),
               help="Pretrained model artifact. Default: runs/gpt-tiny (what `keras-llm "
@@ -58,22 +63,30 @@ TASKS = ("classification", "causal_lm", "seq2seq")
 @click.option("--pooling", type=click.Choice(["cls", "last", "mean"]), default=None,
               help="Classifier pooling. Default: cls for encoders, last for GPT.")
 @click.option("--seed", type=int, default=1337, help="Random seed.")
+@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multi-worker",
+                                               "tpu"]), default="auto",
+              help="tf.distribute strategy; auto picks multi-worker from TF_CONFIG, mirrored "
+                   "with >1 GPU.")
+@click.option("--scale-lr/--no-scale-lr", default=False,
+              help="Treat --batch-size as per replica and scale the learning rate linearly.")
+@click.option("--mixed-precision/--no-mixed-precision", default=False,
+              help="mixed_float16 on GPU (loss scaling), mixed_bfloat16 on CPU/TPU.")
+@click.option("--xla/--no-xla", default=None,
+              help="Compile the train step with XLA. Default: Keras decides (on for one GPU).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished model in --output-dir.")
 @handle_errors
-def finetune_command(pretrained_dir, task, data, validation_data, text_column,
-                     text_pair_column, label_column, target_column, output_dir, **options):
+def finetune_command(config_file, pretrained_dir, output_dir, overwrite, **options):
     """Fine-tune a pretrained artifact; with no options, classify the built-in corpus's
     docstrings by standard-library area, starting from runs/gpt-tiny."""
-    from keras_llm.training.finetune import DEFAULT_PRETRAINED_DIR, FinetuneOptions, finetune
+    from keras_llm.training.finetune import DEFAULT_PRETRAINED_DIR, finetune, load_options
 
-    overwrite = options.pop("overwrite")
-    settings = FinetuneOptions(task=task, data=data, validation_data=validation_data,
-                               text_column=text_column, text_pair_column=text_pair_column,
-                               label_column=label_column, target_column=target_column,
-                               **options)
+    context = click.get_current_context()
+    given = {name: value for name, value in options.items()
+             if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    settings = load_options(config_file, overrides=given)
     parent = pretrained_dir or DEFAULT_PRETRAINED_DIR
     output_dir = output_dir or os.path.join(
-        "runs", f"{os.path.basename(os.path.normpath(parent))}-{task}")
+        "runs", f"{os.path.basename(os.path.normpath(parent))}-{settings.task}")
     metrics = finetune(settings, pretrained_dir, output_dir, overwrite=overwrite,
                        command=sys.argv)
     shown = {k: v for k, v in metrics.items() if k.startswith("val_")}

@@ -57,9 +57,9 @@ def tune(search_space, tuner, max_trials, objective, direction, steps_per_trial,
          in_process, summary):
     """Search hyperparameters with KerasTuner; each trial is a short training run.
 
-    Writes best_config.yaml (accepted by `keras-llm pretrain --config`), best_model,
-    results.csv/.json and metadata.json to --output-dir. Rerun the same command to resume an
-    interrupted search.
+    Writes best_config.yaml (accepted by `keras-llm pretrain --config`, or with target
+    finetune by `keras-llm finetune --config`), best_model, results.csv/.json and
+    metadata.json to --output-dir. Rerun the same command to resume an interrupted search.
     """
     from keras_llm import tuning
 

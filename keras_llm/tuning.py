@@ -37,6 +37,7 @@ resumes an interrupted search; a trial cut off mid-way resumes from its checkpoi
 When the search ends, `OUTPUT_DIR` holds:
 
     best_config.yaml    the best trial's config, accepted by `keras-llm pretrain --config`
+                        (target finetune: the options, by `keras-llm finetune --config`)
     best_model          link to the best trial's model artifact
     results.csv/.json   every trial: id, status, objective, values, reason, who ran it
     search.json         what was searched (a rerun with a different search is refused)
@@ -199,7 +200,7 @@ def finetune_options(values, epochs=None):
     fields = {key.split(".", 1)[1]: value for key, value in values.items()}
     if epochs is not None:
         fields["epochs"] = epochs
-    return FinetuneOptions(**fields).validate()
+    return FinetuneOptions.from_dict(fields)
 
 
 def target_key_types(target):
@@ -973,7 +974,10 @@ def write_results(output_dir, space, settings, command=None, pretrained=None):
               f"{settings['objective']} {best['score']:.4f})\n")
     if space.target == "finetune":  # the options of `keras-llm finetune`, by name
         values = dataclasses.asdict(best_config)
-        header += f"# keras-llm finetune --model {pretrained} {finetune_flags(values)}\n"
+        header += (f"# keras-llm finetune --model {pretrained} --config "
+                   f"{os.path.join(output_dir, BEST_CONFIG_FILE)}\n"
+                   f"# (the same as: keras-llm finetune --model {pretrained} "
+                   f"{finetune_flags(values)})\n")
         metadata_config = artifacts.read_json(os.path.join(
             best["model_dir"], artifacts.METADATA_FILE))["config"]
     else:
@@ -1003,7 +1007,14 @@ def finetune_flags(options):
     flags = {p.name for p in main.commands["finetune"].params} if "finetune" in main.commands \
         else set(options)
     defaults = dataclasses.asdict(FinetuneOptions())
-    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in options.items()
+
+    def flag(key, value):
+        name = key.replace("_", "-")
+        if isinstance(value, bool):  # --xla / --no-xla
+            return f"--{name}" if value else f"--no-{name}"
+        return f"--{name} {value}"
+
+    return " ".join(flag(key, value) for key, value in options.items()
                     if key in flags and value != defaults[key])
 
 

@@ -1,5 +1,6 @@
 """Hyperparameter search (`keras-llm tune`): search spaces, conditions, the tuning artifact,
 resume, summary, flat memory across trials, and a chief with two workers."""
+import dataclasses
 import json
 import math
 import os
@@ -241,6 +242,25 @@ def test_finetune_space_searches_finetune_options(tmp_path):
             "finetune.freeze": {"choice": ["none"]}}}), str(tmp_path / "out"))
 
 
+def test_trials_take_the_scale_options_of_their_target():
+    pytest.importorskip("keras_llm.training.finetune")
+    space = tuning.parse_search_space({"target": "finetune", "overrides": {
+        "finetune.strategy": "mirrored", "finetune.mixed_precision": True,
+        "finetune.xla": False}, "parameters": {"finetune.scale_lr": {"choice": [False, True]}}})
+    options = space.resolve({"finetune.scale_lr": True})
+    assert (options.strategy, options.mixed_precision, options.xla, options.scale_lr) == (
+        "mirrored", True, False, True)
+    flags = tuning.finetune_flags(dataclasses.asdict(options)).split()
+    assert {"--strategy", "mirrored", "--mixed-precision", "--no-xla", "--scale-lr"} <= set(flags)
+    with pytest.raises(ConfigError, match="--strategy must be one of"):
+        space.resolve({"finetune.strategy": "horovod"})
+    config = tuning.parse_search_space({"base": "gpt-tiny", "overrides": {
+        "train.strategy": "mirrored", "train.xla": True}, "parameters": {
+        "train.mixed_precision": {"choice": [True]}}}).resolve({"train.mixed_precision": True})
+    assert (config.train.strategy, config.train.xla, config.train.mixed_precision) == (
+        "mirrored", True, True)
+
+
 def test_objective_direction_and_roles():
     assert tuning.objective_direction("val_loss") == "min"
     assert tuning.objective_direction("val_perplexity") == "min"
@@ -300,6 +320,14 @@ def test_search_writes_results_best_config_and_model(tmp_path, corpus):
     assert config.train.learning_rate == pytest.approx(best["values"]["train.learning_rate"])
     assert config.model.num_heads == 2 and config.train.steps == 3
     assert config.name == "gpt-tiny-tuned" and config.data.source == corpus
+    # `keras-llm pretrain --config best_config.yaml` runs it as it is.
+    rerun = str(tmp_path / "rerun")
+    result = CliRunner().invoke(main, ["pretrain", "--config", os.path.join(
+        out, tuning.BEST_CONFIG_FILE), "--steps", "2", "--output-dir", rerun])
+    assert result.exit_code == 0, result.output
+    rerun_config = load_config(os.path.join(rerun, "config.yaml"))
+    assert rerun_config.train.learning_rate == config.train.learning_rate
+    assert rerun_config.name == "gpt-tiny-tuned" and rerun_config.train.steps == 2
     model_dir = os.path.join(out, tuning.BEST_MODEL_LINK)
     assert os.path.isfile(os.path.join(model_dir, "model.keras"))
     with open(os.path.join(model_dir, "metrics.json")) as f:
@@ -485,6 +513,17 @@ def test_finetune_search_on_a_pretrained_artifact(tmp_path, corpus):
     from keras_llm.training.finetune import FinetuneOptions
 
     assert FinetuneOptions(**options).validate().data == str(topics)
+    # `keras-llm finetune --config best_config.yaml` runs the best options.
+    assert f"--config {os.path.join(out, tuning.BEST_CONFIG_FILE)}" in text
+    rerun = str(tmp_path / "rerun")
+    result = CliRunner().invoke(main, [
+        "finetune", "--model", pretrained, "--config", os.path.join(out, tuning.BEST_CONFIG_FILE),
+        "--epochs", "1", "--output-dir", rerun])
+    assert result.exit_code == 0, result.output
+    with open(os.path.join(rerun, "metadata.json")) as f:
+        rerun_options = json.load(f)["finetune"]
+    assert rerun_options["learning_rate"] == pytest.approx(options["learning_rate"])
+    assert (rerun_options["freeze"], rerun_options["epochs"]) == (options["freeze"], 1)
     with open(os.path.join(out, tuning.BEST_MODEL_LINK, "metadata.json")) as f:
         assert json.load(f)["parent"]["path"] == os.path.abspath(pretrained)
     with open(os.path.join(out, "metadata.json")) as f:

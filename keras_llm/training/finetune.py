@@ -14,8 +14,16 @@ Learning rate: AdamW, linear warmup then cosine decay (`keras_llm.training.optim
 `layerwise_lr_decay` d < 1 (Clark et al., 2020), block i of L gets d ** (L - i) of the rate
 and the embeddings d ** (L + 1); the new head keeps the full rate. `freeze` "embeddings"
 freezes the embeddings; "blocks:K" freezes the embeddings and the first K blocks.
+
+Scale (as in pretraining, `keras_llm.training.distribute`): `strategy` picks the
+tf.distribute strategy the model is loaded, built and trained under; `batch_size` is the
+GLOBAL batch (each replica gets `batch_size / replicas` rows of it), or with `scale_lr` the
+per-replica batch, the learning rate then times the replicas. `mixed_precision` computes in
+mixed_float16 on GPU (with loss scaling) or mixed_bfloat16 on CPU/TPU, the pretrained
+weights recast; `xla` compiles the train step (None: Keras decides, on for one GPU).
 """
 import dataclasses
+import difflib
 import hashlib
 import logging
 import math
@@ -28,6 +36,7 @@ import numpy as np
 
 from keras_llm import artifacts
 from keras_llm.errors import ArtifactError, ConfigError, DataError
+from keras_llm.training import distribute, loop
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +82,26 @@ class FinetuneOptions:
     dropout: float = 0.1
     validation_fraction: float = 0.1
     seed: int = 1337
+    strategy: str = "auto"  # auto, default, mirrored, multi-worker, tpu
+    scale_lr: bool = False
+    mixed_precision: bool = False
+    xla: typing.Optional[bool] = None  # None: Keras decides (XLA on a single GPU)
+
+    @classmethod
+    def from_dict(cls, values, where="finetune options"):
+        """Options from `{field: value}` (a `--config` file, tune's best_config.yaml), typed
+        like the fields and validated; an unknown key is a `ConfigError` naming it."""
+        from keras_llm.config import _coerce
+
+        hints = typing.get_type_hints(cls)
+        for key in values:
+            if key not in hints:
+                close = difflib.get_close_matches(str(key), list(hints), n=1)
+                hint = (f"did you mean {close[0]!r}?" if close else "finetune options are "
+                        "flat: learning_rate, batch_size, ... (the long options, with _)")
+                raise ConfigError(f"{where}: unknown finetune option {key!r} ({hint})")
+        return cls(**{key: _coerce(value, hints[key], where, key)
+                      for key, value in values.items()}).validate()
 
     def validate(self):
         if self.task not in TASK_FAMILIES:
@@ -90,6 +119,9 @@ class FinetuneOptions:
                               f"{self.class_weights!r}")
         if self.class_weights != "none" and self.task != "classification":
             raise ConfigError("--class-weights applies to --task classification only")
+        if self.strategy not in distribute.STRATEGIES:
+            raise ConfigError(f"--strategy must be one of {', '.join(distribute.STRATEGIES)}; "
+                              f"got {self.strategy!r}")
         parse_freeze(self.freeze)
         metrics = EARLY_STOPPING_METRICS[self.task]
         if self.early_stopping_metric is not None and self.early_stopping_metric not in metrics:
@@ -99,6 +131,15 @@ class FinetuneOptions:
             raise ConfigError(f"validation_fraction must be in (0, 0.5), got "
                               f"{self.validation_fraction!r}")
         return self
+
+
+def load_options(config_file=None, overrides=None):
+    """`FinetuneOptions` from a YAML file of options by name (None: the defaults), with
+    `overrides` (`{field: value}`, e.g. the options given on the command line) on top."""
+    from keras_llm.config import read_config_file
+
+    values, where = read_config_file(config_file) if config_file else ({}, "finetune options")
+    return FinetuneOptions.from_dict({**values, **(overrides or {})}, where)
 
 
 def parse_freeze(spec):
@@ -488,13 +529,52 @@ SETUPS = {"classification": setup_classification, "causal_lm": setup_causal_lm,
 
 # ---------------------------------------------------------------------------- the executor
 
-def uncompiled_copy(model):
-    """The same architecture and weights, without compile state or frozen flags."""
+def uncompiled_copy(model, dtype_policy=None):
+    """The same architecture and weights, without compile state or frozen flags; with
+    `dtype_policy` (a name such as "mixed_bfloat16"), every layer computes under it."""
     serialized = keras.saving.serialize_keras_object(model)
     serialized.pop("compile_config", None)
+    if dtype_policy is not None:
+        serialized = with_dtype_policy(serialized, dtype_policy)
     copy = keras.saving.deserialize_keras_object(serialized)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def with_dtype_policy(serialized, policy):
+    """A serialized model with every layer's dtype policy replaced by `policy`.
+
+    A loaded model keeps the policy it was saved with, whatever the global policy; the
+    models here give every sublayer their own policy, so replacing them all is the same
+    model built under the global `policy`.
+    """
+    if isinstance(serialized, dict):
+        if serialized.get("class_name") == "DTypePolicy":
+            return {**serialized, "config": {**serialized["config"], "name": policy}}
+        return {key: with_dtype_policy(value, policy) for key, value in serialized.items()}
+    if isinstance(serialized, list):
+        return [with_dtype_policy(value, policy) for value in serialized]
+    return serialized
+
+
+def distributed(options):
+    """The strategy `options.strategy` names, and the options with the global batch and the
+    learning rate it implies (`scale_lr` spent, so the recorded options mean the same run on
+    any number of replicas)."""
+    strategy = distribute.make_strategy(options.strategy)
+    batch_size, _, learning_rate = distribute.batch_and_learning_rate(
+        options.batch_size, options.learning_rate, strategy, options.scale_lr)
+    logger.info("strategy: %s", distribute.describe_strategy(strategy))
+    return strategy, dataclasses.replace(options, batch_size=batch_size,
+                                         learning_rate=learning_rate, scale_lr=False)
+
+
+def build_before_fit(model, dataset, strategy):
+    """Builds the optimizer and metrics of a model on several replicas from zeros shaped
+    like `dataset`, and keeps `fit` from building them itself: Keras 3 builds from the first
+    batch averaged across replicas, which fails on boolean inputs (the padding masks)."""
+    loop.build_for_training(model, dataset.element_spec, strategy)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
 
 
 def finetune(options, pretrained_dir, output_dir, overwrite=False, command=None, verbose=1):
@@ -505,18 +585,26 @@ def finetune(options, pretrained_dir, output_dir, overwrite=False, command=None,
         raise ArtifactError(f"{output_dir} already holds a finished model; pass --overwrite "
                             f"to replace it or choose another --output-dir")
     keras.utils.set_random_seed(options.seed)
-    parent = load_parent(pretrained_dir, options.task)
+    strategy, options = distributed(options)
+    policy = loop.use_mixed_precision(options.mixed_precision)
+    with strategy.scope():  # variables made here are the strategy's (one copy per replica)
+        parent = load_parent(pretrained_dir, options.task)
+        if parent.model.dtype_policy.name != policy:
+            parent.model = uncompiled_copy(parent.model, policy)
     backbone = backbone_of(parent.model)
     max_seq_len = options.max_seq_len or min(128, backbone.max_length)
     if max_seq_len > backbone.max_length or max_seq_len < 4:
         raise ConfigError(f"--max-seq-len must be in [4, {backbone.max_length}] (the "
                           f"pretrained model's max_length); got {max_seq_len}")
     source, train, validation = read_data(options)
-    setup = SETUPS[options.task](parent, options, train, validation, max_seq_len)
-    model = setup["model"]
-    freeze_layers(setup["backbone"], options.freeze)
-    total_steps = options.epochs * setup["steps_per_epoch"]
-    setup["compile"](make_finetune_optimizer(options, total_steps, setup["backbone"]))
+    with strategy.scope():
+        setup = SETUPS[options.task](parent, options, train, validation, max_seq_len)
+        model = setup["model"]
+        freeze_layers(setup["backbone"], options.freeze)
+        total_steps = options.epochs * setup["steps_per_epoch"]
+        setup["compile"](make_finetune_optimizer(options, total_steps, setup["backbone"]))
+    if options.xla is not None:
+        loop.configure_speed(model, xla=options.xla)
     callbacks = list(setup["callbacks"])
     if options.early_stopping_metric:
         higher = EARLY_STOPPING_METRICS[options.task][options.early_stopping_metric]
@@ -530,9 +618,12 @@ def finetune(options, pretrained_dir, output_dir, overwrite=False, command=None,
                 f"{model.count_params():,}")
     started = time.time()
     train_ds = setup["train_ds"] if options.task == "causal_lm" else setup["train_ds"].repeat()
-    history = model.fit(train_ds, epochs=options.epochs,
+    if strategy.num_replicas_in_sync > 1:
+        build_before_fit(model, train_ds, strategy)
+    history = model.fit(distribute.with_data_sharding(train_ds), epochs=options.epochs,
                         steps_per_epoch=setup["steps_per_epoch"],
-                        validation_data=setup["validation_ds"], callbacks=callbacks,
+                        validation_data=distribute.with_data_sharding(setup["validation_ds"]),
+                        callbacks=callbacks,
                         shuffle=False, verbose=verbose)  # the datasets shuffle themselves
     train_seconds = time.time() - started
     metrics = {
@@ -556,7 +647,8 @@ def finetune(options, pretrained_dir, output_dir, overwrite=False, command=None,
     config = resolved_config(parent, options, max_seq_len, total_steps)
     extra = {"family": parent.config.model.family, "task": options.task,
              "finetune": dataclasses.asdict(options), "columns": columns_for(options),
-             "max_seq_len": max_seq_len}
+             "max_seq_len": max_seq_len,
+             "distribute": {**distribute.describe_strategy(strategy), "dtype_policy": policy}}
     if setup["labels"] is not None:
         extra["labels"] = setup["labels"]
         os.makedirs(output_dir, exist_ok=True)

@@ -4,15 +4,19 @@ Parent artifacts are the real models of each family at tiny sizes; most are save
 from their pretraining objective (untrained: fine-tuning must work from any artifact), and
 the GPT one is pretrained for a few steps by `pretrain()`, as `keras-llm pretrain` writes it.
 """
+import dataclasses
 import hashlib
 import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from keras_llm import artifacts
@@ -28,6 +32,7 @@ from keras_llm.training.finetune import (
     finetune,
     freeze_layers,
     layerwise_multipliers,
+    load_options,
 )
 from keras_llm.training.objectives import get_objective
 
@@ -330,3 +335,120 @@ def test_generate_refuses_a_classifier_and_evaluate_an_unseen_label(data, parent
     assert result.exit_code == 1 and "does not generate text" in result.output
     result = CliRunner().invoke(main, ["evaluate", output, "--data", data["unseen"]])
     assert result.exit_code == 1 and "label 'planet' never seen in training" in result.output
+
+
+# ------------------------------------------------------------------ scale and --config
+
+# Two logical CPUs must be set before TensorFlow starts: the runs go in a fresh process.
+MIRRORED_JOB = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from keras_llm.training.finetune import FinetuneOptions, finetune
+parent, train, validation, out = sys.argv[1:]
+for strategy in ("default", "mirrored"):
+    options = FinetuneOptions(data=train, validation_data=validation, epochs=1, batch_size=16,
+                              learning_rate=2e-3, max_seq_len=24, dropout=0.0,
+                              strategy=strategy)
+    finetune(options, parent, f"{out}/{strategy}", verbose=0)
+"""
+
+
+@pytest.mark.slow
+def test_mirrored_over_two_logical_cpus_matches_one_device(data, parents, tmp_path):
+    rng = random.Random(1)
+
+    def rows(count):
+        topics = [rng.choice(["fruit", "vehicle"]) for _ in range(count)]
+        return [{"text": sentence(rng, FRUIT if t == "fruit" else VEHICLE), "label": t}
+                for t in topics]
+
+    # 128 and 32 rows: every global batch of 16 splits into two equal halves of 8.
+    train = write_jsonl(tmp_path / "train.jsonl", rows(128))
+    validation = write_jsonl(tmp_path / "validation.jsonl", rows(32))
+    result = subprocess.run([sys.executable, "-c", MIRRORED_JOB, parents["gpt"], train,
+                             validation, str(tmp_path)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (artifacts.load_model_artifact(str(tmp_path / s)) for s in ("default",
+                                                                           "mirrored"))
+    assert one.metadata["distribute"]["replicas"] == 1
+    assert two.metadata["distribute"] == {"strategy": "MirroredStrategy", "replicas": 2,
+                                          "workers": 1, "worker_index": 0,
+                                          "dtype_policy": "float32"}
+    assert two.metadata["finetune"]["batch_size"] == 16  # the global batch
+    assert one.metrics["steps"] == two.metrics["steps"] == 8
+    # The first (only) epoch's training loss, the validation loss and the weights agree to
+    # a tolerance, not exactly: Keras 3 clips gradients (global_clipnorm=1) on each replica
+    # before summing them, so a step whose gradient norm is above 1 differs a little.
+    print("train loss", one.metrics["train_loss"], two.metrics["train_loss"], "val loss",
+          one.metrics["val_loss"], two.metrics["val_loss"], "largest weight difference",
+          max(float(np.abs(a - b).max()) for a, b in zip(one.model.get_weights(),
+                                                          two.model.get_weights())))
+    # Measured: train loss 0.70736 vs 0.70719, val loss 0.6583 vs 0.6635, largest weight
+    # difference 0.012 (8 AdamW steps at 2e-3).
+    assert two.metrics["train_loss"] == pytest.approx(one.metrics["train_loss"], rel=2e-3)
+    assert two.metrics["val_loss"] == pytest.approx(one.metrics["val_loss"], rel=2e-2)
+    for a, b in zip(one.model.get_weights(), two.model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=3e-2)
+    result = run("evaluate", str(tmp_path / "mirrored"), "--data", validation)
+    assert result.exit_code == 0, result.output
+    report = json.load(open(tmp_path / "mirrored" / "eval.json"))
+    assert report["accuracy"] == pytest.approx(two.metrics["val_accuracy"])
+
+
+def test_scale_options_reach_the_run(data, parents, tmp_path):
+    import tensorflow as tf
+
+    try:
+        metrics = finetune(options(data=data["topics"], mixed_precision=True, xla=True,
+                                   strategy="default", scale_lr=True, batch_size=8),
+                           parents["gpt"], str(tmp_path / "bf16"), verbose=0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert np.isfinite(metrics["val_loss"])
+    loaded = artifacts.load_model_artifact(str(tmp_path / "bf16"))
+    assert loaded.metadata["distribute"]["dtype_policy"] == "mixed_bfloat16"  # on CPU
+    assert loaded.model.backbone.compute_dtype == "bfloat16"
+    assert loaded.model.backbone.token_embedding.embeddings.dtype == "float32"
+    # One replica: --scale-lr keeps the batch and the rate; the recorded options say so.
+    assert loaded.metadata["finetune"]["batch_size"] == 8
+    assert loaded.metadata["finetune"]["scale_lr"] is False
+    assert not tf.config.list_logical_devices("GPU")
+    with pytest.raises(ConfigError, match="--strategy must be one of"):
+        options(strategy="horovod").validate()
+
+
+def test_config_file_with_command_line_overrides(parents, tmp_path, monkeypatch):
+    import keras_llm.training.finetune as finetune_module
+
+    path = tmp_path / "best_config.yaml"
+    path.write_text("# keras-llm tune: best of 4 trials\n" + yaml.safe_dump(
+        {**dataclasses.asdict(FinetuneOptions(learning_rate=1e-3, freeze="embeddings")),
+         "batch_size": 8, "strategy": "default"}))
+    seen = {}
+
+    def fake_finetune(settings, pretrained_dir, output_dir, **kwargs):
+        seen.update(settings=settings, output_dir=output_dir)
+        return {"val_loss": 1.0, "epochs": 1, "steps": 1, "train_seconds": 0.0}
+
+    monkeypatch.setattr(finetune_module, "finetune", fake_finetune)
+    result = run("finetune", "--model", parents["gpt"], "--config", str(path),
+                 "--batch-size", "4", "--xla", "--output-dir", str(tmp_path / "x"))
+    assert result.exit_code == 0, result.output
+    settings = seen["settings"]
+    assert (settings.learning_rate, settings.freeze) == (1e-3, "embeddings")  # the file
+    assert (settings.batch_size, settings.xla) == (4, True)  # the command line wins
+    assert settings.strategy == "default" and settings.epochs == 3  # file; default
+    # Without --config, the command's defaults are FinetuneOptions' own.
+    run("finetune", "--model", parents["gpt"], "--output-dir", str(tmp_path / "x"))
+    assert seen["settings"] == FinetuneOptions()
+    path.write_text("learning_rate: 1.0e-3\nlearning_rat: 2\n")
+    result = CliRunner().invoke(main, ["finetune", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "unknown finetune option 'learning_rat' (did you mean 'learning_rate'?)" in \
+        result.output
+    path.write_text("batch_size: many\n")
+    with pytest.raises(ConfigError, match="batch_size must be an integer, got 'many'"):
+        load_options(str(path))
