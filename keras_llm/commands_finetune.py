@@ -62,6 +62,10 @@ TASKS = ("classification", "causal_lm", "seq2seq")
               help="Tokens per example after truncation. Default: min(128, the model's).")
 @click.option("--pooling", type=click.Choice(["cls", "last", "mean"]), default=None,
               help="Classifier pooling. Default: cls for encoders, last for GPT.")
+@click.option("--target-vocab-size", type=click.IntRange(min=16), default=None,
+              help="seq2seq: train a separate target vocabulary of this size on the "
+                   "training targets (e.g. the other language of a translation task); the "
+                   "decoder gets a fresh embedding for it. Default: the model's own.")
 @click.option("--seed", type=int, default=1337, help="Random seed.")
 @click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multi-worker",
                                                "tpu"]), default="auto",

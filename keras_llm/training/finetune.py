@@ -4,7 +4,9 @@ Tasks (`FinetuneOptions.task`):
     classification  one text or a text pair -> a class; BERT, RoBERTa, ELECTRA (the
                     discriminator) or GPT artifacts (see `keras_llm.tasks.TextClassifier`)
     causal_lm       continued next-token training of a GPT on new text
-    seq2seq         source text -> target text on an encoder-decoder artifact
+    seq2seq         source text -> target text on an encoder-decoder artifact; with
+                    `target_vocab_size` the target gets its own vocabulary, trained on the
+                    training targets, and a fresh decoder embedding (every other weight kept)
 
 The fine-tuned artifact has the usual layout (`keras_llm.artifacts`), keeps the pretrained
 tokenizer, records its parent (path, type, config and metadata fingerprints) in
@@ -82,6 +84,7 @@ class FinetuneOptions:
     dropout: float = 0.1
     validation_fraction: float = 0.1
     seed: int = 1337
+    target_vocab_size: typing.Optional[int] = None  # seq2seq: a new target vocabulary
     strategy: str = "auto"  # auto, default, mirrored, multi-worker, tpu
     scale_lr: bool = False
     mixed_precision: bool = False
@@ -119,6 +122,14 @@ class FinetuneOptions:
                               f"{self.class_weights!r}")
         if self.class_weights != "none" and self.task != "classification":
             raise ConfigError("--class-weights applies to --task classification only")
+        if self.target_vocab_size is not None and (self.task != "seq2seq"
+                                                   or self.target_vocab_size < 16):
+            raise ConfigError(f"--target-vocab-size applies to --task seq2seq and must be "
+                              f">= 16; got {self.target_vocab_size!r} for {self.task}")
+        if self.target_vocab_size is not None and self.freeze != "none":
+            raise ConfigError(f"--freeze {self.freeze} would keep the new target embedding of "
+                              f"--target-vocab-size at its random initialization; use "
+                              f"--freeze none")
         if self.strategy not in distribute.STRATEGIES:
             raise ConfigError(f"--strategy must be one of {', '.join(distribute.STRATEGIES)}; "
                               f"got {self.strategy!r}")
@@ -171,7 +182,8 @@ def layer_groups(backbone):
     """(embedding layers, blocks from input to output) of a backbone."""
     if hasattr(backbone, "encoder_blocks"):  # Seq2SeqBackbone
         return ([backbone.token_embedding, backbone.encoder_position,
-                 backbone.decoder_position],
+                 backbone.decoder_position]
+                + ([] if backbone.shared_vocabulary else [backbone.target_token_embedding]),
                 list(backbone.encoder_blocks) + list(backbone.decoder_blocks))
     names = ("token_embedding", "position_embedding", "segment_embedding", "embedding_norm",
              "embedding_projection")
@@ -488,14 +500,36 @@ def setup_causal_lm(parent, options, train, validation, max_seq_len):
 BLEU_EXAMPLES = 200  # validation examples decoded for the BLEU in metrics.json
 
 
+def seq2seq_model_and_target_tokenizer(parent, options, train):
+    """The model to fine-tune and its target tokenizer: the parent's, or with
+    `options.target_vocab_size` a new target vocabulary trained on the training targets."""
+    from keras_llm.data.tokenizers import train_tokenizer
+    from keras_llm.models.seq2seq import with_target_vocabulary
+
+    model, tokenizer, target_tokenizer = parent.model, parent.tokenizer, parent.target_tokenizer
+    if options.target_vocab_size:
+        target_tokenizer = train_tokenizer(tokenizer.kind, train["target"],
+                                           options.target_vocab_size,
+                                           lowercase=tokenizer.lowercase)
+        model = with_target_vocabulary(model, target_tokenizer.vocabulary_size(),
+                                       target_tokenizer.special_token_ids())
+        logger.info("target vocabulary: %d %s tokens trained on the training targets",
+                    target_tokenizer.vocabulary_size(), tokenizer.kind)
+    model.check_tokenizer(tokenizer, target_tokenizer)
+    return model, target_tokenizer
+
+
 def setup_seq2seq(parent, options, train, validation, max_seq_len):
     from keras_llm.data.labeled import seq2seq_dataset
 
-    model, tokenizer = parent.model, parent.tokenizer
+    tokenizer = parent.tokenizer
+    model, target_tokenizer = seq2seq_model_and_target_tokenizer(parent, options, train)
     train_ds = seq2seq_dataset(train["text"], train["target"], tokenizer, max_seq_len,
-                               options.batch_size, shuffle=True, seed=options.seed)
+                               options.batch_size, shuffle=True, seed=options.seed,
+                               target_tokenizer=target_tokenizer)
     validation_ds = seq2seq_dataset(validation["text"], validation["target"], tokenizer,
-                                    max_seq_len, options.batch_size)
+                                    max_seq_len, options.batch_size,
+                                    target_tokenizer=target_tokenizer)
 
     def compile(optimizer):
         model.compile(optimizer=optimizer, loss=_weighted_lm_loss(),
@@ -507,9 +541,10 @@ def setup_seq2seq(parent, options, train, validation, max_seq_len):
         from keras_llm.generation import Seq2SeqGenerator
 
         report = seq2seq_token_accuracy(model, tokenizer, validation["text"],
-                                        validation["target"], max_seq_len, options.batch_size)
+                                        validation["target"], max_seq_len, options.batch_size,
+                                        target_tokenizer)
         sources = validation["text"][:BLEU_EXAMPLES]
-        outputs = Seq2SeqGenerator(model, tokenizer).generate(
+        outputs = Seq2SeqGenerator(model, tokenizer, target_tokenizer).generate(
             sources, max_new_tokens=max_seq_len - 1, sampler="greedy")
         return {"val_token_accuracy": report["token_accuracy"],
                 "val_perplexity": report["perplexity"],
@@ -520,7 +555,8 @@ def setup_seq2seq(parent, options, train, validation, max_seq_len):
                 validation_ds=validation_ds,
                 steps_per_epoch=math.ceil(len(train["text"]) / options.batch_size),
                 compile=compile, final_metrics=final_metrics, callbacks=[_Perplexity()],
-                labels=None)
+                labels=None, target_tokenizer=(None if model.backbone.shared_vocabulary
+                                               else target_tokenizer))
 
 
 SETUPS = {"classification": setup_classification, "causal_lm": setup_causal_lm,
@@ -645,6 +681,10 @@ def finetune(options, pretrained_dir, output_dir, overwrite=False, command=None,
     # for inference, and further fine-tuning starts a fresh schedule anyway.
     model = uncompiled_copy(model)
     config = resolved_config(parent, options, max_seq_len, total_steps)
+    target_tokenizer = setup.get("target_tokenizer")  # seq2seq with its own target vocabulary
+    if target_tokenizer is not None:
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, target_vocab_size=target_tokenizer.vocabulary_size()))
     extra = {"family": parent.config.model.family, "task": options.task,
              "finetune": dataclasses.asdict(options), "columns": columns_for(options),
              "max_seq_len": max_seq_len,
@@ -658,5 +698,5 @@ def finetune(options, pretrained_dir, output_dir, overwrite=False, command=None,
         ARTIFACT_TYPE, config, data={**source.description, "fingerprint": source.fingerprint},
         parent=parent_record(parent), command=command, extra=extra)
     artifacts.save_model_artifact(output_dir, model, parent.tokenizer, config, metrics,
-                                  metadata)
+                                  metadata, target_tokenizer=target_tokenizer)
     return metrics
