@@ -17,6 +17,8 @@ Signatures take raw strings; the tokenizer runs inside the graph:
                   The decoding loop (a `tf.while_loop` over the model's `call_with_cache`,
                   KV cache included) runs in the graph; `top_k <= 1` or `temperature <= 0`
                   is greedy, otherwise a sample from the top_k tokens at that temperature.
+                  A seq2seq model with its own target vocabulary carries both tokenizers:
+                  the source one reads the prompt, the target one writes the text.
     classifiers   serving_default(text: string[b][, text_pair: string[b]]) ->
                   probabilities: float32[b, classes], label: string[b], label_id: int32[b]
     encoders      embed(text: string[b]) -> pooled: float32[b, hidden]  (= serving_default)
