@@ -166,7 +166,14 @@ def load_model_artifact(model_dir):
                 f"{model_dir}: not a finished keras-llm model artifact ({name} is missing)")
     metadata = read_json(os.path.join(model_dir, METADATA_FILE))
     config = Config.from_dict(metadata["config"], where=os.path.join(model_dir, METADATA_FILE))
-    model = keras.saving.load_model(os.path.join(model_dir, MODEL_FILE), safe_mode=True)
+    try:
+        model = keras.saving.load_model(os.path.join(model_dir, MODEL_FILE), safe_mode=True)
+    except (ValueError, TypeError, KeyError) as e:
+        saved_by = metadata.get("versions", {}).get("keras-llm")
+        raise ArtifactError(
+            f"{os.path.join(model_dir, MODEL_FILE)}: cannot load the model (saved by keras-llm "
+            f"{saved_by or 'unknown'}; its layers or weights do not match this version's): "
+            f"{_first_line(e)}") from e
     tokenizer = load_tokenizer(os.path.join(model_dir, TOKENIZER_DIR))
     target_dir = os.path.join(model_dir, TARGET_TOKENIZER_DIR)
     target_tokenizer = load_tokenizer(target_dir) if os.path.isdir(target_dir) else None
@@ -174,3 +181,8 @@ def load_model_artifact(model_dir):
     metrics = read_json(metrics_path) if os.path.exists(metrics_path) else {}
     return ModelArtifact(model_dir, model, tokenizer, config, metadata, metrics,
                          target_tokenizer)
+
+
+def _first_line(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
