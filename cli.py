@@ -102,8 +102,7 @@ def pretrain(config_name, data, text_field, tokenizer_path, output_dir, steps, e
     from keras_llm.config import load_config
     from keras_llm.training.pretrain import pretrain as run_pretrain
 
-    config = load_config(config_name, overrides={
-        **parse_settings(settings),
+    options = {
         "data.source": data, "data.text_field": text_field, "train.steps": steps,
         "train.epochs": epochs, "train.batch_size": batch_size, "data.seq_len": seq_len,
         "train.learning_rate": learning_rate, "train.seed": seed,
@@ -112,7 +111,11 @@ def pretrain(config_name, data, text_field, tokenizer_path, output_dir, steps, e
         "train.steps_per_execution": steps_per_execution,
         "train.checkpoint_every": checkpoint_every,
         "train.keep_checkpoints": keep_checkpoints, "train.scale_lr": scale_lr,
-    })
+    }
+    # An option the user gave wins over --set of the same key; one left unset (None) does not
+    # erase it.
+    config = load_config(config_name, overrides={
+        **parse_settings(settings), **{k: v for k, v in options.items() if v is not None}})
     output_dir = output_dir or os.path.join("runs", config.name)
     metrics = run_pretrain(config, output_dir, tokenizer_path=tokenizer_path,
                            overwrite=overwrite, restart=restart, command=sys.argv)

@@ -172,3 +172,24 @@ def test_parse_settings_reads_yaml_scalars():
 
     assert parse_settings(["model.dropout=0.1", "train.xla=true", "data.source=a.txt"]) == {
         "model.dropout": 0.1, "train.xla": True, "data.source": "a.txt"}
+
+
+def test_set_reaches_keys_that_also_have_options_and_given_options_win(monkeypatch, tmp_path):
+    """`--set data.seq_len=...` used to be erased by the unset `--seq-len` option."""
+    import keras_llm.training.pretrain
+
+    seen = {}
+
+    def fake_pretrain(config, output_dir, **kwargs):
+        seen["config"] = config
+        return {"val_loss": 1.0, "steps": 1, "train_seconds": 1.0,
+                "train_tokens_per_second": 1.0}
+
+    monkeypatch.setattr(keras_llm.training.pretrain, "pretrain", fake_pretrain)
+    result = CliRunner().invoke(main, [
+        "pretrain", "--set", "data.seq_len=32", "--set", "train.steps=7",
+        "--set", "train.batch_size=3", "--batch-size", "5",
+        "--output-dir", str(tmp_path / "out")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert (config.data.seq_len, config.train.steps, config.train.batch_size) == (32, 7, 5)
