@@ -80,11 +80,11 @@ def test_decoder_is_causal():
     assert_close(model(changed)[:, :4], model(x)[:, :4])
 
 
-def test_greedy_generate_step_matches_repeated_full_passes():
-    model = make_lm()
-    x = inputs()
+def assert_greedy_matches_full_passes(model, x, start_id):
+    """Greedy generate_step writes target ids, each the argmax of a full forward pass;
+    returns the generated ids."""
     prompt = np.zeros((BATCH, TARGET), "int32")
-    prompt[:, 0] = 2
+    prompt[:, 0] = start_id
     mask = np.zeros((BATCH, TARGET), bool)
     mask[:, 0] = True
     generated = ops.convert_to_numpy(model.generate_step(
@@ -95,6 +95,11 @@ def test_greedy_generate_step_matches_repeated_full_passes():
         logits = ops.convert_to_numpy(model(dict(x, decoder_token_ids=expected)))
         expected[:, index] = logits[:, index - 1].argmax(-1)
     np.testing.assert_array_equal(generated, expected)
+    return generated
+
+
+def test_greedy_generate_step_matches_repeated_full_passes():
+    assert_greedy_matches_full_passes(make_lm(), inputs(), start_id=2)
 
 
 def test_logits_are_tied_to_the_shared_embedding():
@@ -190,19 +195,7 @@ def test_separate_vocabularies_cached_decoding_equals_full_forward_pass(override
         step_logits, _, cache = model.call_with_cache(ids[:, index:index + 1], cache, index,
                                                       cross, x["encoder_padding_mask"])
         assert_close(step_logits[:, 0], logits[:, index])
-    # Greedy generate_step writes target ids, each the argmax of a full forward pass.
-    prompt = np.zeros((BATCH, TARGET), "int32")
-    prompt[:, 0] = SPECIALS["cls"]
-    mask = np.zeros((BATCH, TARGET), bool)
-    mask[:, 0] = True
-    generated = ops.convert_to_numpy(model.generate_step(
-        dict(x, decoder_token_ids=prompt, decoder_padding_mask=mask),
-        keras_hub.samplers.GreedySampler()))
-    expected = prompt.copy()
-    for index in range(1, TARGET):
-        full = ops.convert_to_numpy(model(dict(x, decoder_token_ids=expected)))
-        expected[:, index] = full[:, index - 1].argmax(-1)
-    np.testing.assert_array_equal(generated, expected)
+    generated = assert_greedy_matches_full_passes(model, x, start_id=SPECIALS["cls"])
     assert generated.max() < TARGET_VOCABULARY
 
 
