@@ -1,20 +1,9 @@
 """`keras-llm export`: attached to the main command group in `cli.py`."""
-import functools
 import os
 
 import click
 
-
-def one_line_errors(command):
-    """keras-llm's errors as one clean line (imported late: `keras_llm.cli` imports us)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from keras_llm.cli import handle_errors
-
-        return handle_errors(command)(*args, **kwargs)
-
-    return wrapper
+from keras_llm.cli_errors import handle_errors
 
 
 @click.command("export", context_settings={"show_default": True})
@@ -28,7 +17,7 @@ def one_line_errors(command):
 @click.option("--no-validate", is_flag=True,
               help="Skip reloading the SavedModel with plain TensorFlow and comparing it "
                    "with the Keras model.")
-@one_line_errors
+@handle_errors
 def export(model_dir, output, version, no_validate):
     """Export MODEL_DIR as a SavedModel with string-in, string-out signatures for TF Serving.
 

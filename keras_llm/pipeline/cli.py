@@ -1,20 +1,9 @@
 """`keras-llm pipeline run|lineage`: attached to the main command group in `cli.py`."""
-import functools
 import json
 
 import click
 
-
-def one_line_errors(command):
-    """keras-llm's errors as one clean line (imported late: `keras_llm.cli` imports us)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from keras_llm.cli import handle_errors
-
-        return handle_errors(command)(*args, **kwargs)
-
-    return wrapper
+from keras_llm.cli_errors import handle_errors
 
 
 pipeline = click.Group(
@@ -26,7 +15,7 @@ pipeline = click.Group(
 @click.argument("config")
 @click.option("--root", default=None,
               help="Pipeline root (artifacts and metadata.sqlite). Default: the config's root.")
-@one_line_errors
+@handle_errors
 def run_command(config, root):
     """Run the components of CONFIG in order, skipping those whose inputs and parameters
     are unchanged since a complete run (cache hits). CONFIG is a YAML path or the name of
@@ -53,7 +42,7 @@ def run_command(config, root):
 @click.option("--root", default=None, type=click.Path(exists=True, file_okay=False),
               help="Pipeline root holding metadata.sqlite. Default: found above ARTIFACT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the lineage tree as JSON.")
-@one_line_errors
+@handle_errors
 def lineage_command(artifact, root, as_json):
     """Show which executions produced ARTIFACT, from which artifacts, back to the start."""
     from keras_llm.pipeline.runner import describe_lineage, lineage
