@@ -112,6 +112,16 @@ def write_result(name, args, payload):
     return path
 
 
+def clear_session():
+    """`keras.backend.clear_session()`, keeping the global dtype policy it would reset to
+    float32 (a mixed-precision run would silently go on in float32)."""
+    import keras
+
+    policy = keras.config.dtype_policy()
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy(policy)
+
+
 def add_common_arguments(parser):
     parser.add_argument("--quick", action="store_true",
                         help="a fast smoke run with few steps; numbers are not meaningful")

@@ -274,7 +274,7 @@ def run_shape(shape_name, jit_compile, args):
             "last_loss": c["last_loss"],
         })
         del c["model"]
-    keras.backend.clear_session()
+    benchlib.clear_session()
     return results
 
 
