@@ -142,9 +142,12 @@ def pretrain(config_name, data, text_field, tokenizer_path, output_dir, steps, e
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9,
               help="p for --sampler top_p.")
 @click.option("--seed", type=int, default=None, help="Sampling seed, for repeatable output.")
+@click.option("--xla/--no-xla", default=False,
+              help="Compile the decoding loop with XLA: several times faster per call, but "
+                   "the first call at each batch size and length compiles for a few seconds.")
 @handle_errors
 def generate(model_dir, prompts, max_new_tokens, sampler, num_beams, temperature, top_k, top_p,
-             seed):
+             seed, xla):
     """Continue PROMPTS (or an empty prompt) with the model in MODEL_DIR, using its KV cache;
     for a seq2seq model, PROMPTS are source texts and the targets are printed."""
     from keras_llm.artifacts import load_model_artifact
@@ -155,7 +158,8 @@ def generate(model_dir, prompts, max_new_tokens, sampler, num_beams, temperature
         raise click.BadParameter(
             f"must be below the model's context length ({artifact.model.backbone.max_length})",
             param_hint="--max-new-tokens")
-    generator = make_generator(artifact.model, artifact.tokenizer, artifact.target_tokenizer)
+    generator = make_generator(artifact.model, artifact.tokenizer, artifact.target_tokenizer,
+                               jit_compile=xla)
     prompts = list(prompts) or [""]
     outputs = generator.generate(prompts, max_new_tokens=max_new_tokens, sampler=sampler,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

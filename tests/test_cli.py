@@ -85,9 +85,11 @@ def test_pretrain_then_generate(tmp_path, corpus):
                     "--max-new-tokens", "8")
     assert generated.exit_code == 0
     assert generated.output.startswith("The quick")
-    # Greedy decoding is deterministic.
+    # Greedy decoding is deterministic, and the XLA-compiled loop decodes the same.
     assert run("generate", out, "The quick", "--sampler", "greedy",
                "--max-new-tokens", "8").output == generated.output
+    assert run("generate", out, "The quick", "--sampler", "greedy", "--max-new-tokens", "8",
+               "--xla").output == generated.output
 
 
 @pytest.mark.slow
