@@ -1,11 +1,18 @@
 """Fine-tuning quality: the gain from pretraining, shown on AG News and TREC-6; Multi30k BLEU.
 
-(1) For each family (bert-tiny, gpt-tiny): train one tokenizer and pretrain the model from
-scratch on the shared corpora (WikiText-2 plus the unlabeled texts of the AG News and TREC
-training sets), and save a second artifact with the same tokenizer and architecture but
-random weights. Fine-tune both on AG News (5,000 train / 1,000 dev / 1,000 test) and on
-TREC-6 (5,452 train, 10% held out for validation / 500 test) with the same options, and
-report test accuracy and macro-F1: the difference is what pretraining buys.
+(1) For each family (bert-tiny, roberta-tiny, gpt-tiny): train one tokenizer and pretrain
+the model from scratch on the shared corpora (WikiText-2 plus the unlabeled texts of the AG
+News and TREC training sets), and save a second artifact with the same tokenizer and
+architecture but random weights. Fine-tune both on AG News and on TREC-6 (5,452 train, 10%
+held out for validation / 500 test) with the same options, and report test accuracy and
+macro-F1: the difference is what pretraining buys. The shared AG News dev.csv (1,000) is a subset of its
+train.csv (5,000), so the benchmark trains on the 4,000 training rows not in dev, validates
+on dev and tests on test.csv (1,000).
+
+A masked LM learns from the 15% of positions it masks, a causal LM from all of them, so
+BERT-family configs get more pretraining steps here than their quick built-in default
+(`--pretrain-steps`, default bert-tiny=3000,roberta-tiny=3000; the others use their
+config's steps).
 (2) Train seq2seq-tiny (its SentencePiece vocabulary learned on Multi30k) on Multi30k
 en->de and report test BLEU (sacrebleu-compatible, greedy and beam search). One vocabulary
 for English and German by default; `--separate-vocabularies` learns the source vocabulary
@@ -27,6 +34,7 @@ import random
 import benchlib
 
 AG_NEWS_LABELS = {"0": "world", "1": "sports", "2": "business", "3": "sci/tech"}
+DEFAULT_PRETRAIN_STEPS = "bert-tiny=3000,roberta-tiny=3000"
 QUICK_MODEL = {"model.num_layers": 1, "model.hidden_size": 32, "model.num_heads": 2,
                "model.intermediate_size": 64, "model.vocab_size": 600,
                "model.max_length": 64, "data.seq_len": 64, "train.batch_size": 8,
@@ -39,10 +47,11 @@ def parse_args():
     parser.add_argument("--work-dir", default=None,
                         help="where converted data and artifacts go (default: "
                              "benchmarks/results/finetune_quality_work)")
-    parser.add_argument("--families", default="bert-tiny,gpt-tiny",
+    parser.add_argument("--families", default="bert-tiny,roberta-tiny,gpt-tiny",
                         help="comma-separated pretraining configs to compare")
-    parser.add_argument("--pretrain-steps", type=int, default=None,
-                        help="pretraining steps (default: the config's; quick: 5)")
+    parser.add_argument("--pretrain-steps", default=None,
+                        help="pretraining steps: N for every family, or FAMILY=N,... (default: "
+                             "bert-tiny=3000,roberta-tiny=3000, others their config's; quick: 5)")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (4)")
     parser.add_argument("--seq2seq-epochs", type=int, default=None, help="Multi30k epochs (10)")
     parser.add_argument("--skip-seq2seq", action="store_true")
@@ -50,12 +59,25 @@ def parse_args():
                         help="seq2seq: an English source and a German target vocabulary, "
                              "each of the configured size, instead of one shared")
     args = benchlib.start(parser)
-    args.pretrain_steps = args.pretrain_steps or (5 if args.quick else None)
+    args.pretrain_steps = parse_steps(args.pretrain_steps or ("5" if args.quick else
+                                                              DEFAULT_PRETRAIN_STEPS))
     args.epochs = args.epochs or (1 if args.quick else 4)
     args.seq2seq_epochs = args.seq2seq_epochs or (1 if args.quick else 10)
     args.work_dir = args.work_dir or os.path.join(
         benchlib.RESULTS_DIR, "finetune_quality_work" + ("_quick" if args.quick else ""))
     return args
+
+
+def parse_steps(text):
+    """'N' (every family) or 'FAMILY=N,...' -> {family or None: N}."""
+    steps = {}
+    for item in text.split(","):
+        family, _, number = item.rpartition("=")
+        try:
+            steps[family or None] = int(number)
+        except ValueError:
+            raise SystemExit(f"--pretrain-steps: {item!r} is not N or FAMILY=N") from None
+    return steps
 
 
 def write_jsonl(path, rows):
@@ -71,13 +93,17 @@ def prepare_data(args):
     os.makedirs(work, exist_ok=True)
     limit = 300 if args.quick else None
     paths = {}
+    ag_news = {}
     for split in ("train", "dev", "test"):
         with open(benchlib.require_file(os.path.join(shared, "ag_news", f"{split}.csv"),
                                         "AG News"), encoding="utf-8") as f:
-            rows = [{"text": text, "label": AG_NEWS_LABELS[label]}
-                    for text, label in csv.reader(f)][:limit]
+            ag_news[split] = [{"text": text, "label": AG_NEWS_LABELS[label]}
+                              for text, label in csv.reader(f)]
+    dev_texts = {row["text"] for row in ag_news["dev"]}  # dev.csv is drawn from train.csv
+    ag_news["train"] = [row for row in ag_news["train"] if row["text"] not in dev_texts]
+    for split, rows in ag_news.items():
         paths[f"ag_news_{split}"] = write_jsonl(os.path.join(work, f"ag_news_{split}.jsonl"),
-                                                rows)
+                                                rows[:limit])
     for split, name in (("train", "train_5500.label"), ("test", "TREC_10.label")):
         with open(benchlib.require_file(os.path.join(shared, "trec6", name), "TREC-6"),
                   encoding="latin-1") as f:
@@ -111,7 +137,8 @@ def pretrained_and_random(args, family, paths):
     from keras_llm.training.pretrain import pretrain
 
     overrides = {**(QUICK_MODEL if args.quick else {}), "data.source": paths["pretrain"],
-                 "train.steps": args.pretrain_steps, "train.seed": args.seed}
+                 "train.steps": args.pretrain_steps.get(family, args.pretrain_steps.get(None)),
+                 "train.seed": args.seed}
     config = load_config(family, overrides=overrides)
     pretrained = os.path.join(args.work_dir, family)
     with benchlib.Stopwatch() as watch:
@@ -119,9 +146,11 @@ def pretrained_and_random(args, family, paths):
     tokenizer = load_tokenizer(os.path.join(pretrained, artifacts.TOKENIZER_DIR))
     random_dir = pretrained + "-random"
     model = get_objective(config).build_model(tokenizer)  # same shape, same tokenizer
-    artifacts.save_model_artifact(random_dir, model, tokenizer, config, {}, artifacts.make_metadata(
-        "keras_llm.PretrainedModel", config, extra={"family": config.model.family,
-                                                    "task": config.task, "random_init": True}))
+    artifacts.save_model_artifact(random_dir, model, tokenizer, config, {},
+                                  artifacts.make_metadata(
+                                      "keras_llm.PretrainedModel", config,
+                                      extra={"family": config.model.family,
+                                             "task": config.task, "random_init": True}))
     return pretrained, random_dir, watch.seconds, metrics
 
 

@@ -1,7 +1,9 @@
 """Next-sentence-prediction pairs in tf.data (Devlin et al., 2019, section 3.1).
 
 Each document is cut into segments of `(seq_len - 3) // 2` tokens (the "sentences"; a
-tokenizer-independent stand-in for sentence splitting). Every pair of consecutive segments
+tokenizer-independent stand-in for sentence splitting); a document shorter than two such
+segments is cut into two halves instead, so that short texts (a headline, a question) still
+give a pair and their tokens still reach the masked LM. Every pair of consecutive segments
 `(A, B)` of one document becomes an example; with probability 1/2, B is swapped for a
 segment of another document. The example is `[cls] A [sep] B [sep]`, padded to `seq_len`,
 with segment ids 0 on `[cls] A [sep]` and 1 on `B [sep]`.
@@ -72,9 +74,16 @@ def next_sentence_dataset(documents, special_token_ids, seq_len, seed=0, shuffle
     segment_length = (seq_len - 3) // 2
     if segment_length < 1:
         raise ValueError(f"seq_len must be at least 5 for sentence pairs; got {seq_len}")
-    segmented = documents.enumerate().map(
-        lambda index, ids: (index, document_segments(ids, segment_length)),
-        num_parallel_calls=AUTOTUNE, deterministic=True)
+
+    def segment(index, ids):
+        # Halves for a document shorter than two segments; -1-padded to one width.
+        length = tf.clip_by_value((tf.shape(ids)[0] + 1) // 2, 1, segment_length)
+        segments = document_segments(ids, length)
+        segments = tf.pad(segments, [[0, 0], [0, segment_length - length]], constant_values=-1)
+        return index, tf.ensure_shape(segments, [None, segment_length])
+
+    segmented = documents.enumerate().map(segment, num_parallel_calls=AUTOTUNE,
+                                          deterministic=True)
 
     def consecutive_pairs(index, segments):
         count = tf.maximum(tf.shape(segments)[0] - 1, 0)

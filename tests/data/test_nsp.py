@@ -65,6 +65,23 @@ def test_segments_and_pair_assembly():
     assert pair["segment_ids"].numpy().tolist() == [0, 0, 0, 0, 1, 1, 0, 0]
 
 
+def test_a_short_document_gives_a_pair_of_its_two_halves():
+    # Documents of 2 to 21 tokens: shorter than two 14-token segments, so each is cut into
+    # halves (the first half the longer), and each still yields one example.
+    lengths = [2 + d % 20 for d in range(60)]
+    documents = tf.data.Dataset.from_tensor_slices(tf.ragged.constant(
+        [[1000 * (d + 1) + p for p in range(n)] for d, n in enumerate(lengths)]))
+    examples = list(next_sentence_dataset(documents, SPECIALS, SEQ_LEN, seed=0)
+                    .as_numpy_iterator())
+    is_next = [split(e) for e in examples if e["next_sentence_label"] == 0]
+    assert len(examples) > 20 and len(is_next) > 10
+    for first, second in is_next:
+        length = lengths[first[0] // 1000 - 1]
+        whole = list(range(first[0], first[0] + length))
+        assert first.tolist() + second.tolist() == whole
+        assert len(first) == (length + 1) // 2
+
+
 def test_too_short_sequence_is_refused():
     ds = tf.data.Dataset.from_tensor_slices(tf.ragged.constant([[7, 8, 9]]))
     with pytest.raises(ValueError, match="seq_len must be at least 5"):
