@@ -5,9 +5,9 @@ the model from scratch on the shared corpora (WikiText-2 plus the unlabeled text
 News and TREC training sets), and save a second artifact with the same tokenizer and
 architecture but random weights. Fine-tune both on AG News and on TREC-6 (5,452 train, 10%
 held out for validation / 500 test) with the same options, and report test accuracy and
-macro-F1: the difference is what pretraining buys. The shared AG News dev.csv (1,000) is a subset of its
-train.csv (5,000), so the benchmark trains on the 4,000 training rows not in dev, validates
-on dev and tests on test.csv (1,000).
+macro-F1: the difference is what pretraining buys. The shared AG News dev.csv (1,000) is a
+subset of its train.csv (5,000), so the benchmark trains on the 4,000 training rows not in
+dev, validates on dev and tests on test.csv (1,000).
 
 A masked LM learns from the 15% of positions it masks, a causal LM from all of them, so
 BERT-family configs get more pretraining steps here than their quick built-in default
