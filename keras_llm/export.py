@@ -17,6 +17,10 @@ Signatures take raw strings; the tokenizer runs inside the graph:
                   The decoding loop (a `tf.while_loop` over the model's `call_with_cache`,
                   KV cache included) runs in the graph; `top_k <= 1` or `temperature <= 0`
                   is greedy, otherwise a sample from the top_k tokens at that temperature.
+                  `export(..., xla=True)` (`keras-llm export --xla`) compiles the prefill and
+                  the loop with XLA: several times faster per call on CPU, but each new
+                  batch size and padded length compiles first, and the server needs
+                  TensorFlow's XLA JIT (recorded as "xla" in the version's metadata).
                   A seq2seq model with its own target vocabulary carries both tokenizers:
                   the source one reads the prompt, the target one writes the text.
     classifiers   serving_default(text: string[b][, text_pair: string[b]]) ->
@@ -152,21 +156,30 @@ def choose_tokens(logits, temperature, top_k):
     return tf.cond((top_k <= 1) | (temperature <= 0.0), greedy, sample)
 
 
-def decoding_loop(step, token_ids, prompt_mask, cache, end_id, temperature, top_k):
+def decoding_loop(step, token_ids, prompt_mask, empty_cache, end_id, temperature, top_k):
     """Fills `token_ids` `(batch, length)` after each prompt (`prompt_mask` True on prompt
     tokens, which are kept) with a `tf.while_loop`, as keras-hub's samplers do:
-    `step(previous_ids (batch, 1), cache, index) -> (logits (batch, 1, vocab), cache)` is the
-    model's KV-cached step; the loop ends when every row has a new end token."""
+    `step(ids (batch, n), cache, index) -> (logits (batch, n, vocab), cache)` is the
+    model's KV-cached step, `empty_cache(batch, length)` its empty cache; the loop ends
+    when every row has a new end token."""
     import tensorflow as tf
 
-    length = tf.shape(token_ids)[1]
+    batch_size, length = tf.shape(token_ids)[0], tf.shape(token_ids)[1]
+    # Prefill over the whole padded block; positions past a prompt hold garbage that each
+    # step overwrites before it is attended to (as GPTCausalLM.generate_step).
+    _, cache = step(token_ids, empty_cache(batch_size, length), 0)
 
     def unfinished(token_ids, cache, index):
         ended = tf.reduce_any((token_ids == end_id) & ~prompt_mask, axis=-1)
         return ~tf.reduce_all(ended)
 
     def body(token_ids, cache, index):
-        logits, cache = step(token_ids[:, index - 1:index], cache, index - 1)
+        # `token_ids[:, index - 1:index]` would have a width XLA cannot infer: it becomes a
+        # dynamic dimension padded to `length`, and the KV-cache update with that block (a
+        # dynamic-update-slice, whose start XLA clamps so the block fits) would overwrite
+        # the cache from position 0 instead of writing one position at `index - 1`.
+        previous = token_ids[:, index - 1][:, None]
+        logits, cache = step(previous, cache, index - 1)
         chosen = choose_tokens(logits[:, 0, :], temperature, top_k)
         chosen = tf.where(prompt_mask[:, index], token_ids[:, index], chosen)
         column = tf.one_hot(index, length, on_value=True, off_value=False)
@@ -203,11 +216,19 @@ def check_max_new_tokens(max_new_tokens, max_length):
         message=f"max_new_tokens must be below the model's context length ({max_length})")
 
 
-def gpt_generation(model, tokenizer, layer):
+def xla_compiled(function, jit_compile):
+    """`function` compiled with XLA as one cluster (`jit_compile`), or as is: then it is
+    traced into the signature's graph like the rest."""
+    import tensorflow as tf
+
+    return tf.function(function, jit_compile=True) if jit_compile else function
+
+
+def gpt_generation(model, tokenizer, layer, jit_compile=False):
     """`generate(prompt, max_new_tokens, temperature, top_k) -> {"text"}` for a GPTCausalLM,
     with `keras_llm.generation.TextGenerator`'s prompt handling: each prompt starts after an
     end-of-document token, and the newest tokens are kept when prompt plus continuation
-    exceed the context."""
+    exceed the context. `jit_compile` runs the prefill and the decoding loop under XLA."""
     import tensorflow as tf
 
     backbone = model.backbone
@@ -217,6 +238,12 @@ def gpt_generation(model, tokenizer, layer):
     def step(previous, cache, index):
         logits, _, cache = model.call_with_cache(previous, cache, index)
         return logits, cache
+
+    def decode(token_ids, prompt_mask, temperature, top_k):
+        return decoding_loop(step, token_ids, prompt_mask, backbone.empty_cache, end_id,
+                             temperature, top_k)
+
+    decode = xla_compiled(decode, jit_compile)
 
     def generate(prompt, max_new_tokens, temperature, top_k):
         check_max_new_tokens(max_new_tokens, max_length)
@@ -229,22 +256,21 @@ def gpt_generation(model, tokenizer, layer):
         length = tf.minimum(max_length, tf.reduce_max(prompt_lengths) + max_new_tokens)
         token_ids = ids.to_tensor(default_value=0,
                                   shape=tf.cast(tf.stack([batch_size, length]), tf.int64))
-        # Prefill over the whole padded block; positions past a prompt hold garbage that each
-        # step overwrites before it is attended to (as GPTCausalLM.generate_step).
-        _, cache = step(token_ids, backbone.empty_cache(batch_size, length), 0)
-        token_ids = decoding_loop(step, token_ids, tf.sequence_mask(prompt_lengths, length),
-                                  cache, end_id, temperature, top_k)
+        token_ids = decode(token_ids, tf.sequence_mask(prompt_lengths, length), temperature,
+                           top_k)
         return {"text": continuation_text(layer, tokenizer, token_ids, prompt_lengths,
                                           max_new_tokens)}
 
     return generate
 
 
-def seq2seq_generation(model, tokenizer, layer, target_tokenizer=None, target_layer=None):
+def seq2seq_generation(model, tokenizer, layer, target_tokenizer=None, target_layer=None,
+                       jit_compile=False):
     """`generate(prompt, max_new_tokens, temperature, top_k) -> {"text"}` for a Seq2SeqLM,
     with `keras_llm.generation.Seq2SeqGenerator`'s layout: the encoder reads the source and
     `[EOS]`, the decoder starts from `[CLS]`. Outputs are detokenized by `target_layer`
-    (the target tokenizer's) when the target has its own vocabulary."""
+    (the target tokenizer's) when the target has its own vocabulary. `jit_compile` runs
+    the encoder, the prefill and the decoding loop under XLA."""
     import tensorflow as tf
 
     backbone = model.backbone
@@ -253,13 +279,7 @@ def seq2seq_generation(model, tokenizer, layer, target_tokenizer=None, target_la
     target_tokenizer, target_layer = target_tokenizer or tokenizer, target_layer or layer
     specials = target_tokenizer.special_token_ids()
 
-    def generate(prompt, max_new_tokens, temperature, top_k):
-        check_max_new_tokens(max_new_tokens, max_length)
-        ids = tokenize_in_graph(tokenizer, layer, prompt)[:, :max_length - 1]
-        batch_size = ids.nrows(out_type=tf.int32)
-        ids = tf.concat([ids, tf.fill([batch_size, 1], source_specials["eos"])], axis=1)
-        encoder_ids = ids.to_tensor(default_value=source_specials["pad"])
-        encoder_mask = tf.sequence_mask(ids.row_lengths(), tf.shape(encoder_ids)[1])
+    def decode(encoder_ids, encoder_mask, token_ids, prompt_mask, temperature, top_k):
         cross_cache = backbone.cross_attention_cache(backbone.encode(encoder_ids, encoder_mask))
 
         def step(previous, cache, index):
@@ -267,13 +287,23 @@ def seq2seq_generation(model, tokenizer, layer, target_tokenizer=None, target_la
                                                      encoder_mask)
             return logits, cache
 
+        return decoding_loop(step, token_ids, prompt_mask, backbone.empty_cache,
+                             specials["eos"], temperature, top_k)
+
+    decode = xla_compiled(decode, jit_compile)
+
+    def generate(prompt, max_new_tokens, temperature, top_k):
+        check_max_new_tokens(max_new_tokens, max_length)
+        ids = tokenize_in_graph(tokenizer, layer, prompt)[:, :max_length - 1]
+        batch_size = ids.nrows(out_type=tf.int32)
+        ids = tf.concat([ids, tf.fill([batch_size, 1], source_specials["eos"])], axis=1)
+        encoder_ids = ids.to_tensor(default_value=source_specials["pad"])
+        encoder_mask = tf.sequence_mask(ids.row_lengths(), tf.shape(encoder_ids)[1])
         length = tf.minimum(max_length, max_new_tokens + 1)
         first = tf.one_hot(tf.zeros([batch_size], tf.int32), length, on_value=True,
                            off_value=False)
         token_ids = tf.where(first, specials["cls"], specials["pad"])
-        _, cache = step(token_ids, backbone.empty_cache(batch_size, length), 0)
-        token_ids = decoding_loop(step, token_ids, first, cache, specials["eos"], temperature,
-                                  top_k)
+        token_ids = decode(encoder_ids, encoder_mask, token_ids, first, temperature, top_k)
         return {"text": continuation_text(target_layer, target_tokenizer, token_ids,
                                           tf.ones([batch_size], tf.int32), max_new_tokens)}
 
@@ -397,13 +427,14 @@ class ExportPlan:
     requests `[(signature, inputs)]`, and checks `[(call, expected outputs or None)]`
     (None: only the batch size of every output is checked, e.g. for sampled text)."""
 
-    def __init__(self, kind, module, signatures, warmup, checks, tolerance=0.0):
+    def __init__(self, kind, module, signatures, warmup, checks, tolerance=0.0, xla=False):
         self.kind = kind
         self.module = module
         self.signatures = signatures
         self.warmup = warmup
         self.checks = checks
         self.tolerance = tolerance
+        self.xla = xla  # the decoding loop is compiled with XLA
 
 
 def model_kind(model):
@@ -448,9 +479,10 @@ GENERATION_SIGNATURE = (("prompt", "string", [None]), ("max_new_tokens", "int32"
                         ("temperature", "float32", []), ("top_k", "int32", []))
 
 
-def generator_plan(artifact):
-    """`generate` (= `serving_default`) for GPT and seq2seq models; greedy output must equal
-    the in-process generator's (`keras_llm.generation`)."""
+def generator_plan(artifact, xla=False):
+    """`generate` (= `serving_default`) for GPT and seq2seq models, its decoding loop
+    compiled with XLA when `xla`; greedy output must equal the in-process generator's
+    (`keras_llm.generation`, without XLA)."""
     import tensorflow as tf
 
     from keras_llm import models
@@ -466,10 +498,11 @@ def generator_plan(artifact):
         if target is not artifact.tokenizer:  # tracked too: its own tables are saved
             module.target_tokenizer = target_layer = target_graph_detokenizer(target)
         generation = seq2seq_generation(artifact.model, artifact.tokenizer, module.tokenizer,
-                                        target, target_layer)
+                                        target, target_layer, jit_compile=xla)
         generator = Generator(artifact.model, artifact.tokenizer, target)
     else:
-        generation = gpt_generation(artifact.model, artifact.tokenizer, module.tokenizer)
+        generation = gpt_generation(artifact.model, artifact.tokenizer, module.tokenizer,
+                                    jit_compile=xla)
         generator = Generator(artifact.model, artifact.tokenizer)
     module.generate = tf.function(
         generation, input_signature=[tf.TensorSpec(shape, dtype, name=name)
@@ -490,7 +523,8 @@ def generator_plan(artifact):
                       "top_k": tf.constant(1, tf.int32)})
               for name in ("serving_default", "generate")]
     return ExportPlan("seq2seq" if seq2seq else "gpt", module,
-                      {"generate": generate, "serving_default": generate}, warmup, checks)
+                      {"generate": generate, "serving_default": generate}, warmup, checks,
+                      xla=xla)
 
 
 def encoder_backbone(model):
@@ -653,7 +687,7 @@ def check_outputs(plan, answer, where):
 # ---------------------------------------------------------------------------- export
 
 
-def export(model_dir, output, version=None, validate=True):
+def export(model_dir, output, version=None, validate=True, xla=False):
     """Exports the model artifact `model_dir` to `output/<version>`; returns that path.
 
     Args:
@@ -665,10 +699,18 @@ def export(model_dir, output, version=None, validate=True):
             An existing version is refused, never overwritten.
         validate: reload the SavedModel with plain TensorFlow in a subprocess and compare
             its outputs with the Keras model's before publishing the version.
+        xla: compile the `generate` signature's prefill and decoding loop with XLA (GPT and
+            seq2seq models only): faster per call once compiled, but each new batch size
+            and padded length compiles first (as `keras-llm generate --xla`), and the
+            server needs TensorFlow's XLA JIT.
     """
     check_version_free(output, version)
     artifact = load_model_artifact(resolve_model_dir(model_dir))
-    plan = PLANS[model_kind(artifact.model)](artifact)
+    kind = model_kind(artifact.model)
+    if xla and PLANS[kind] is not generator_plan:
+        raise ArtifactError(f"{model_dir}: xla (--xla) compiles the decoding loop of GPT and "
+                            f"seq2seq exports; this {kind} model has none")
+    plan = generator_plan(artifact, xla=True) if xla else PLANS[kind](artifact)
     version_dir = write_version(plan, output, version, validate=validate,
                                 record=lambda v: export_record(artifact, plan, v),
                                 where=f"export of {model_dir}")
@@ -755,6 +797,7 @@ def export_record(artifact, plan, version):
         "artifact_type": EXPORTED_MODEL,
         "version": version,
         "kind": plan.kind,
+        "xla": plan.xla,
         "parent": {"directory": os.path.abspath(artifact.directory),
                    "artifact_type": artifact.metadata.get("artifact_type"),
                    "created_at": artifact.metadata.get("created_at"),

@@ -132,6 +132,43 @@ def test_choose_tokens_greedy_and_top_k():
     assert np.mean(hot == 1) > 0.85  # low temperature sharpens toward the argmax
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_decoding_loop_writes_one_cache_position_per_step(jit_compile):
+    """A toy model whose next token is the sum of the tokens so far (mod 7), its cache the
+    tokens: under XLA, a `[:, i - 1:i]` slice of the newest token had a dynamic width, and
+    the cache update (`slice_update`, a dynamic-update-slice) wrote that whole padded
+    block from position 0, so the real KV cache held copies of the newest key and value."""
+    from keras import ops
+
+    vocabulary, length = 7, 10
+
+    def step(ids, cache, index):
+        cache = ops.slice_update(cache, (0, index), ids)
+        seen = tf.range(length)[None, :] < index + tf.shape(ids)[1]
+        total = tf.reduce_sum(tf.where(seen, cache, 0), axis=1) % vocabulary
+        # The same logits at every position of `ids`: only a step's last ones are used.
+        logits = tf.one_hot(total, vocabulary)[:, None, :]
+        return tf.repeat(logits, tf.shape(ids)[1], axis=1), cache
+
+    def empty_cache(batch_size, length):
+        return tf.zeros([batch_size, length], tf.int32)
+
+    prompts = [[3], [1, 5, 2, 6], [4] * length]  # the last one fills the context
+    token_ids = np.zeros((3, length), "int32")
+    prompt_mask = np.zeros((3, length), bool)
+    expected = []
+    for row, prompt in enumerate(prompts):
+        token_ids[row, :len(prompt)], prompt_mask[row, :len(prompt)] = prompt, True
+        ids = list(prompt)
+        while len(ids) < length:
+            ids.append(sum(ids) % vocabulary)
+        expected.append(ids)
+    loop = tf.function(lambda token_ids, prompt_mask: export_lib.decoding_loop(
+        step, token_ids, prompt_mask, empty_cache, -1, tf.constant(0.0), tf.constant(1)),
+        jit_compile=jit_compile)
+    assert loop(token_ids, prompt_mask).numpy().tolist() == expected
+
+
 class TinyPlan(export_lib.ExportPlan):
     """A trivial model (doubling) to test publishing without building a language model."""
 
@@ -261,7 +298,7 @@ def test_export_layout_metadata_and_warmup(gpt_export, gpt_artifact):
     assert sorted(os.listdir(gpt_export)) == [
         "assets", "assets.extra", "fingerprint.pb", "saved_model.pb", "variables"]
     record = read_json(os.path.join(gpt_export, "assets.extra", "metadata.json"))
-    assert record["kind"] == "gpt" and record["version"] == 1
+    assert record["kind"] == "gpt" and record["version"] == 1 and record["xla"] is False
     assert record["parent"]["directory"] == os.path.abspath(gpt_artifact)
     assert record["signatures"]["generate"] == {
         "inputs": {"max_new_tokens": "int32[]", "prompt": "string[None]",
@@ -299,6 +336,46 @@ def test_cli_export_explicit_version_and_refused_overwrite(gpt_export, gpt_artif
     assert "1 already exists; versions are never overwritten" in result.output
     assert sorted(os.listdir(base)) == ["1", "5", "metadata.json"]
     assert read_json(os.path.join(base, "metadata.json"))["latest_version"] == 5
+
+
+def xla_compiled_functions(version_dir):
+    """Names of the SavedModel's functions marked for XLA compilation."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as file:
+        saved_model.ParseFromString(file.read())
+    library = saved_model.meta_graphs[0].graph_def.library
+    return [function.signature.name for function in library.function
+            if function.attr["_XlaMustCompile"].b]
+
+
+@pytest.mark.slow
+def test_cli_export_xla_generates_like_the_keras_model(gpt_export, gpt_artifact, greedy_texts):
+    from keras_llm.cli import main
+
+    base = os.path.join(os.path.dirname(gpt_artifact), "exports", "gpt-xla")
+    result = CliRunner().invoke(main, ["export", gpt_artifact, "--output", base, "--xla"])
+    assert result.exit_code == 0, result.output
+    assert f"(gpt, XLA) to {os.path.join(base, '1')} (validated" in result.output
+    version_dir = os.path.join(base, "1")
+    assert read_json(os.path.join(version_dir, "assets.extra", "metadata.json"))["xla"] is True
+    assert xla_compiled_functions(version_dir) and not xla_compiled_functions(gpt_export)
+    generate = tf.saved_model.load(version_dir).signatures["generate"]
+    for max_new_tokens, expected in ((6, greedy_texts), (20, None)):
+        texts = generate(prompt=tf.constant(PROMPTS), max_new_tokens=tf.constant(max_new_tokens),
+                         temperature=tf.constant(0.0), top_k=tf.constant(1))["text"].numpy()
+        if expected is None:  # the last prompt, cut to its newest tokens, fills the context
+            from keras_llm.artifacts import load_model_artifact
+            from keras_llm.generation import TextGenerator
+
+            artifact = load_model_artifact(gpt_artifact)
+            expected = TextGenerator(artifact.model, artifact.tokenizer).generate(
+                PROMPTS, max_new_tokens=max_new_tokens, sampler="greedy")
+        assert [t.decode("utf-8", "replace") for t in texts] == [str(t) for t in expected]
+    sampled = generate(prompt=tf.constant(PROMPTS), max_new_tokens=tf.constant(6),
+                       temperature=tf.constant(1.0), top_k=tf.constant(20))["text"]
+    assert sampled.shape == (len(PROMPTS),)
 
 
 @pytest.mark.slow
@@ -391,6 +468,20 @@ def test_encoder_export_embeds_like_the_keras_model(bert_artifact):
 
 
 @pytest.mark.slow
+def test_xla_export_of_an_encoder_is_refused(bert_artifact, tmp_path):
+    from keras_llm.cli import main
+
+    base = str(tmp_path / "exports")
+    with pytest.raises(ArtifactError, match="xla .* GPT and seq2seq exports; this encoder model"):
+        export_lib.export(bert_artifact, base, xla=True)
+    result = CliRunner().invoke(main, ["export", bert_artifact, "--output", base, "--xla"])
+    assert result.exit_code == 1
+    assert "compiles the decoding loop of GPT and seq2seq exports" in result.output
+    assert len(result.output.strip().splitlines()) == 1  # one line, no traceback
+    assert not os.path.exists(base)
+
+
+@pytest.mark.slow
 def test_classifier_export_serves_probabilities_and_labels(tmp_path):
     pytest.importorskip("keras_llm.tasks")
     pytest.importorskip("keras_llm.data.labeled")
@@ -440,8 +531,9 @@ def test_classifier_export_serves_probabilities_and_labels(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("separate_vocabularies", [False, True])
-def test_seq2seq_export_generates_like_the_keras_model(tmp_path, separate_vocabularies):
+@pytest.mark.parametrize("separate_vocabularies,xla", [(False, False), (True, False),
+                                                       (False, True), (True, True)])
+def test_seq2seq_export_generates_like_the_keras_model(tmp_path, separate_vocabularies, xla):
     from keras_llm import generation
 
     if not hasattr(generation, "Seq2SeqGenerator"):
@@ -476,7 +568,9 @@ def test_seq2seq_export_generates_like_the_keras_model(tmp_path, separate_vocabu
     save_model_artifact(model_dir, model, tokenizer, config, {},
                         make_metadata("keras_llm.PretrainedModel", config),
                         target_tokenizer=target)
-    version_dir = export_lib.export(model_dir, str(tmp_path / "exports"))  # validated
+    version_dir = export_lib.export(model_dir, str(tmp_path / "exports"), xla=xla)  # validated
+    assert read_json(os.path.join(version_dir, "assets.extra", "metadata.json"))["xla"] is xla
+    assert bool(xla_compiled_functions(version_dir)) is xla
     generate = tf.saved_model.load(version_dir).signatures["generate"]
     sources = ["the quick brown fox " * 6, "lazy dog"]
     texts = generate(prompt=tf.constant(sources), max_new_tokens=tf.constant(5),
