@@ -160,7 +160,8 @@ def beam_search(step, cache, prompt, length, num_beams, end_token_id, pad_token_
     Args:
         step: `step(token_ids (N, T), cache, index) -> (logits (N, T, vocab), cache)`, with
             `N = batch * num_beams` rows, row `b * num_beams + k` being beam k of prompt b.
-        cache: the empty cache for `N` rows.
+        cache: the empty cache for `N` rows (a tensor or a nested structure of them, each
+            with rows first).
         prompt: `(batch, P)` int array, P >= 1, the same length for every row.
         length: total length of the output (prompt included).
         num_beams: beams kept per prompt.
@@ -201,7 +202,9 @@ def beam_search(step, cache, prompt, length, num_beams, end_token_id, pad_token_
         tokens[:, index] = chosen.reshape(-1)
         if finished.all() or index == length - 1:
             break
-        cache = ops.take(cache, ops.convert_to_tensor(source_rows, "int32"), axis=0)
+        rows_to_keep = ops.convert_to_tensor(source_rows, "int32")
+        cache = keras.tree.map_structure(lambda part: ops.take(part, rows_to_keep, axis=0),
+                                         cache)
         logits, cache = step(tokens[:, index:index + 1], cache,
                              ops.convert_to_tensor(index, "int32"))
         last = ops.convert_to_numpy(logits)[:, -1]

@@ -21,6 +21,34 @@ def causal_mask(query_length, key_length, start_index=0):
     return ops.greater_equal(query_positions, key_positions)
 
 
+def split_cache(cache):
+    """`(keys, values)` of a cache given as a pair or as one stacked `(batch, 2, ...)`
+    tensor."""
+    if isinstance(cache, (tuple, list)):
+        return cache[0], cache[1]
+    return cache[:, 0], cache[:, 1]
+
+
+def cache_length(cache):
+    """The static key length (`max_length`) of a pair or stacked cache (None if unknown)."""
+    return cache[0].shape[1] if isinstance(cache, (tuple, list)) else cache.shape[2]
+
+
+def empty_kv_cache(batch_size, length, num_layers, num_heads, head_dim, dtype="float32"):
+    """A zero decoding cache of a stack of attention layers: a tuple with one
+    `(keys, values)` pair of `(batch_size, length, num_heads, head_dim)` tensors per layer.
+
+    Example:
+
+    >>> cache = empty_kv_cache(2, 8, num_layers=3, num_heads=4, head_dim=16)
+    >>> len(cache), keras.ops.shape(cache[0][1])
+    (3, (2, 8, 4, 16))
+    """
+    shape = (batch_size, length, num_heads, head_dim)
+    return tuple((ops.zeros(shape, dtype=dtype), ops.zeros(shape, dtype=dtype))
+                 for _ in range(num_layers))
+
+
 def merge_masks(padding_mask=None, attention_mask=None):
     """Combines a `(batch, keys)` padding mask and a `(batch, queries, keys)` attention mask.
 
@@ -49,11 +77,14 @@ class MultiHeadAttention(keras.layers.Layer):
     shape (self-attention), the layer keeps one fused `query_key_value_kernel` (and bias),
     columns `[query | key | value]`; built with one, separate query, key and value kernels. Masks are explicit: `attention_mask` is a boolean
     `(batch, queries, keys)` tensor (True = may attend), `use_causal_mask=True` adds the
-    causal constraint. For incremental decoding pass `cache` (shape
-    `(batch, 2, max_length, num_heads, head_dim)`, keys then values) and `cache_index`
-    (where the new tokens go); the layer then returns `(output, updated_cache)`. For
-    cross-attention, a `cache` without `cache_index` holds the encoder's precomputed
-    keys and values and is used as is (see `compute_key_value_cache`).
+    causal constraint. For incremental decoding pass `cache` and `cache_index` (where the
+    new tokens go); the layer then returns `(output, updated_cache)`. A cache is either a
+    `(key_cache, value_cache)` pair of `(batch, max_length, num_heads, head_dim)` tensors,
+    the form the models keep (each step is then two in-place updates inside a compiled
+    decoding loop, with no stacking), or one stacked `(batch, 2, max_length, num_heads,
+    head_dim)` tensor, keys then values (keras-hub's layout); the updated cache comes back in
+    the form it was given. For cross-attention, a `cache` without `cache_index` holds the
+    encoder's precomputed keys and values and is used as is (see `compute_key_value_cache`).
 
     Args:
         num_heads: number of attention heads.
@@ -180,18 +211,19 @@ class MultiHeadAttention(keras.layers.Layer):
         return q, k, v
 
     def compute_key_value_cache(self, value):
-        """Projects encoder outputs once into a cross-attention cache `(batch, 2, S, H, D)`."""
-        k = self._project(value, "key", self.key_dim)
-        v = self._project(value, "value", self.value_dim)
-        return ops.stack([k, v], axis=1)
+        """Projects encoder outputs once into a cross-attention cache: the pair
+        `(keys, values)`, each `(batch, S, H, D)`."""
+        return (self._project(value, "key", self.key_dim),
+                self._project(value, "value", self.value_dim))
 
     def call(self, query, value=None, attention_mask=None, use_causal_mask=False, cache=None,
              cache_index=None, training=None):
         self._check_call_shapes(query, value, attention_mask, cache)
+        stacked = cache is not None and not isinstance(cache, (tuple, list))
         if cache is not None and cache_index is None:
             # Cross-attention against precomputed encoder keys and values.
             q = self._project(query, "query", self.key_dim)
-            k, v = cache[:, 0], cache[:, 1]
+            k, v = split_cache(cache)
         elif value is None:
             q, k, v = self._self_attention_qkv(query)
         else:
@@ -201,9 +233,11 @@ class MultiHeadAttention(keras.layers.Layer):
         start = 0
         if cache is not None and cache_index is not None:
             start = cache_index
-            k = ops.slice_update(cache[:, 0], (0, cache_index, 0, 0), ops.cast(k, cache.dtype))
-            v = ops.slice_update(cache[:, 1], (0, cache_index, 0, 0), ops.cast(v, cache.dtype))
-            cache = ops.stack([k, v], axis=1)
+            key_cache, value_cache = split_cache(cache)
+            k = ops.slice_update(key_cache, (0, cache_index, 0, 0), ops.cast(k, key_cache.dtype))
+            v = ops.slice_update(value_cache, (0, cache_index, 0, 0),
+                                 ops.cast(v, value_cache.dtype))
+            cache = ops.stack([k, v], axis=1) if stacked else (k, v)
 
         mask = attention_mask
         # Without a cache or another mask, the backend's own causal path is used (on GPU it
@@ -222,11 +256,20 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def _check_call_shapes(self, query, value, attention_mask, cache):
         batch, query_length = query.shape[0], query.shape[1]
-        if cache is not None:
+        if isinstance(cache, (tuple, list)):
+            if len(cache) != 2:
+                raise ValueError(f"cache must be a (key_cache, value_cache) pair or one tensor; "
+                                 f"got a sequence of {len(cache)}")
+            for name, part in zip(("key_cache", "value_cache"), cache):
+                check_shape(part, name, (("batch", batch), ("max_length", None),
+                                         ("num_heads", self.num_heads),
+                                         ("head_dim", self.key_dim)))
+            key_length = cache_length(cache)
+        elif cache is not None:
             check_shape(cache, "cache", (
                 ("batch", batch), ("2", 2), ("max_length", None), ("num_heads", self.num_heads),
                 ("head_dim", self.key_dim)))
-            key_length = cache.shape[2]
+            key_length = cache_length(cache)
         else:
             key_length = (query if value is None else value).shape[1]
         check_shape(attention_mask, "attention_mask", (

@@ -1,7 +1,7 @@
 """Transformer encoder and decoder blocks, pre- or post-layer-norm."""
 import keras
 
-from keras_llm.layers.attention import MultiHeadAttention, merge_masks
+from keras_llm.layers.attention import MultiHeadAttention, cache_length, merge_masks
 from keras_llm.layers.validation import check_positive, check_rate, check_shape
 
 ACTIVATIONS = {
@@ -204,7 +204,8 @@ class TransformerDecoderBlock(_TransformerBlock):
 
     With `cross_attention=True` the block attends to `encoder_outputs` (the encoder-decoder
     Transformer); without it, it is a GPT block. For incremental decoding pass
-    `self_attention_cache` and `cache_index`: the block returns `(outputs, updated_cache)`.
+    `self_attention_cache` and `cache_index`: the block returns `(outputs, updated_cache)`
+    (a cache is a `(keys, values)` pair or one stacked tensor; see `MultiHeadAttention`).
     A precomputed `cross_attention_cache` (from `compute_cross_attention_cache`) replaces
     `encoder_outputs` while decoding.
 
@@ -256,7 +257,8 @@ class TransformerDecoderBlock(_TransformerBlock):
     def call(self, x, encoder_outputs=None, padding_mask=None, attention_mask=None,
              encoder_padding_mask=None, self_attention_cache=None, cache_index=None,
              cross_attention_cache=None, use_causal_mask=True, training=None):
-        key_length = x.shape[1] if self_attention_cache is None else self_attention_cache.shape[2]
+        key_length = (x.shape[1] if self_attention_cache is None
+                      else cache_length(self_attention_cache))
         self._check_masks(x, key_length, padding_mask, attention_mask)
         if not self.cross_attention and (
                 encoder_outputs is not None or cross_attention_cache is not None):
@@ -278,7 +280,7 @@ class TransformerDecoderBlock(_TransformerBlock):
                     "this block has cross-attention: pass encoder_outputs or "
                     "cross_attention_cache")
             encoder_length = (encoder_outputs.shape[1] if cross_attention_cache is None
-                              else cross_attention_cache.shape[2])
+                              else cache_length(cross_attention_cache))
             check_shape(encoder_padding_mask, "encoder_padding_mask",
                         (("batch", x.shape[0]), ("encoder_length", encoder_length)))
             attended = self.cross_attention_layer(

@@ -13,6 +13,7 @@ from keras_llm.layers import (
     SinusoidalPositionEncoding,
     TransformerDecoderBlock,
 )
+from keras_llm.layers.attention import empty_kv_cache
 from keras_llm.layers.validation import check_positive
 
 # GPT-2 (and nanoGPT) draw every kernel and embedding from N(0, 0.02); the kernels that
@@ -138,19 +139,21 @@ class GPTBackbone(keras.Model):
     def call_with_cache(self, token_ids, cache, cache_index):
         """One decoding step: `(hidden, cache)` for `token_ids` placed at `cache_index`.
 
-        `cache` has shape `(batch, num_layers, 2, max_length, num_heads, head_dim)`.
+        `cache` is `empty_cache`'s structure: one `(keys, values)` pair per block.
         """
         x = self._embed(token_ids, start_index=cache_index)
         updated = []
-        for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, self_attention_cache=cache[:, i], cache_index=cache_index)
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block(x, self_attention_cache=layer_cache, cache_index=cache_index)
             updated.append(layer_cache)
-        return self._finish(x), ops.stack(updated, axis=1)
+        return self._finish(x), tuple(updated)
 
     def empty_cache(self, batch_size, length):
-        head_dim = self.hidden_size // self.num_heads
-        return ops.zeros((batch_size, self.num_layers, 2, length, self.num_heads, head_dim),
-                         dtype=self.compute_dtype)
+        """A zero KV cache: one `(keys, values)` pair of `(batch, length, heads, head_dim)`
+        tensors per block. Separate tensors, not one stacked array, so that a compiled
+        decoding loop updates each in place (stacking copies the whole cache every step)."""
+        return empty_kv_cache(batch_size, length, self.num_layers, self.num_heads,
+                              self.hidden_size // self.num_heads, self.compute_dtype)
 
     def logits(self, hidden):
         """Output projection tied to the token embedding."""

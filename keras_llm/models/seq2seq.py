@@ -20,6 +20,7 @@ from keras_llm.layers import (
     TransformerEncoderBlock,
 )
 from keras_llm.errors import ArtifactError
+from keras_llm.layers.attention import empty_kv_cache
 from keras_llm.models.vocabulary import check_tokenizer_matches
 
 INITIALIZER_STDDEV = 0.02
@@ -184,15 +185,16 @@ class Seq2SeqBackbone(keras.Model):
                            inputs.get("decoder_padding_mask"), training)
 
     def cross_attention_cache(self, encoder_outputs):
-        """Encoder keys and values of every decoder block: `(batch, layers, 2, S, H, D)`."""
-        return ops.stack([block.compute_cross_attention_cache(encoder_outputs)
-                          for block in self.decoder_blocks], axis=1)
+        """Encoder keys and values of every decoder block: one `(keys, values)` pair of
+        `(batch, S, heads, head_dim)` tensors per block."""
+        return tuple(block.compute_cross_attention_cache(encoder_outputs)
+                     for block in self.decoder_blocks)
 
     def empty_cache(self, batch_size, length):
-        """A zero self-attention cache `(batch, layers, 2, length, heads, head_dim)`."""
-        head_dim = self.hidden_size // self.num_heads
-        return ops.zeros((batch_size, self.num_decoder_layers, 2, length, self.num_heads,
-                          head_dim), dtype=self.compute_dtype)
+        """A zero self-attention cache: one `(keys, values)` pair of `(batch, length, heads,
+        head_dim)` tensors per decoder block (updated in place by a compiled loop)."""
+        return empty_kv_cache(batch_size, length, self.num_decoder_layers, self.num_heads,
+                              self.hidden_size // self.num_heads, self.compute_dtype)
 
     def decode_with_cache(self, token_ids, cache, cache_index, cross_cache,
                           encoder_padding_mask=None):
@@ -200,14 +202,15 @@ class Seq2SeqBackbone(keras.Model):
         x = self._embed(token_ids, self.decoder_embedding, self.decoder_position,
                         start_index=cache_index)
         updated = []
-        for i, block in enumerate(self.decoder_blocks):
+        for block, layer_cache, layer_cross_cache in zip(self.decoder_blocks, cache,
+                                                         cross_cache):
             x, layer_cache = block(
-                x, self_attention_cache=cache[:, i], cache_index=cache_index,
-                cross_attention_cache=cross_cache[:, i],
+                x, self_attention_cache=layer_cache, cache_index=cache_index,
+                cross_attention_cache=layer_cross_cache,
                 encoder_padding_mask=encoder_padding_mask)
             updated.append(layer_cache)
         x = x if self.decoder_norm is None else self.decoder_norm(x)
-        return x, ops.stack(updated, axis=1)
+        return x, tuple(updated)
 
     def logits(self, hidden):
         """Output projection tied to the target (or shared) token embedding."""

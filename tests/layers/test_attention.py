@@ -137,9 +137,12 @@ def test_causal_mask_and_merge_masks_values():
     assert merge_masks() is None
 
 
-def decode_token_by_token(layer, x, cache_length, prefill=1):
-    """Feeds `x` through the KV cache: `prefill` tokens at once, then one token per step."""
+def decode_token_by_token(layer, x, cache_length, prefill=1, pair=False):
+    """Feeds `x` through the KV cache: `prefill` tokens at once, then one token per step;
+    the cache is one stacked tensor, or a `(keys, values)` pair with `pair=True`."""
     cache = ops.zeros((BATCH, 2, cache_length, HEADS, HEAD_DIM))
+    if pair:
+        cache = (cache[:, 0], cache[:, 1])
     outputs = []
     step_starts = [0] + list(range(prefill, x.shape[1]))
     step_ends = step_starts[1:] + [x.shape[1]]
@@ -151,13 +154,18 @@ def decode_token_by_token(layer, x, cache_length, prefill=1):
 
 
 @pytest.mark.parametrize("prefill", [1, 3])
-def test_cached_decoding_equals_causal_forward_pass(prefill):
+@pytest.mark.parametrize("pair", [False, True])
+def test_cached_decoding_equals_causal_forward_pass(prefill, pair):
     layer, _ = attention_pair()
     x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
     full = layer(x, use_causal_mask=True)
     # The cache is longer than the sequence: its unfilled tail must stay invisible.
-    decoded, cache = decode_token_by_token(layer, x, cache_length=LENGTH + 3, prefill=prefill)
+    decoded, cache = decode_token_by_token(layer, x, cache_length=LENGTH + 3, prefill=prefill,
+                                           pair=pair)
     assert_close(decoded, full)
+    # The cache comes back in the form it was given.
+    assert isinstance(cache, tuple) == pair
+    cache = ops.stack(cache, axis=1) if pair else cache
     assert ops.shape(cache) == (BATCH, 2, LENGTH + 3, HEADS, HEAD_DIM)
     assert not np.any(ops.convert_to_numpy(cache)[:, :, LENGTH:])
 
@@ -169,7 +177,9 @@ def test_cross_attention_cache_equals_direct_call():
     cache = layer.compute_key_value_cache(memory)
     output, returned_cache = layer(x, cache=cache)
     assert_close(output, layer(x, memory))
-    assert_close(returned_cache, cache, tolerance=0)
+    assert_close(ops.stack(returned_cache), ops.stack(cache), tolerance=0)
+    # The stacked form of the same cache gives the same output.
+    assert_close(layer(x, cache=ops.stack(cache, axis=1))[0], output)
 
 
 def test_dropout_path_equals_fused_path_at_rate_zero_and_drops_in_training():

@@ -44,7 +44,9 @@ def test_call_with_cache_equals_full_forward_pass(overrides):
     logits = model(ids)
     hidden = model.backbone(ids)
     cache = model.backbone.empty_cache(BATCH, LENGTH)
-    assert ops.shape(cache) == (BATCH, 2, 2, LENGTH, 2, 8)
+    # One (keys, values) pair per block, (batch, length, heads, head_dim) each.
+    assert len(cache) == 2 and all(ops.shape(part) == (BATCH, LENGTH, 2, 8)
+                                   for pair in cache for part in pair)
     # Prefill three tokens at once, then decode one token per step.
     step_logits, step_hidden, cache = model.call_with_cache(ids[:, :3], cache, 0)
     assert_close(step_logits, logits[:, :3])
