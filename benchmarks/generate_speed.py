@@ -7,10 +7,17 @@ Contenders, same weight shapes, same prompts, all greedy, in one run:
                     ids in, `preprocessor=None`, `stop_token_ids=None`
     ours_text       keras_llm.generation.TextGenerator: strings in, strings out (tokenize,
                     pad, the same compiled loop, detokenize)
+    ours_xla, keras_hub_gpt2_xla, ours_text_xla, exported_xla
+                    the same four with the whole decoding loop compiled by XLA
+                    (`jit_compile=True`: keras-llm's `generate --xla` and `export --xla`,
+                    keras-hub's `compile(jit_compile=True)`; keras-hub's default resolves to
+                    no XLA here)
     exported        the `generate` signature of `keras-llm export`'s SavedModel, loaded with
                     tf.saved_model.load: strings in, strings out, everything in the graph
 
-`exported` is compared with `ours_text` (both text -> text), `ours` with `keras_hub_gpt2`.
+`exported` is compared with `ours_text` (both text -> text), `ours` with `keras_hub_gpt2`,
+`ours_xla` with `keras_hub_gpt2_xla` (and, in its record, with keras-hub's default too),
+`exported_xla` with `ours_text_xla`.
 Time to first token is the latency of a call that generates one token (prefill + one step);
 new tokens/s is batch * new tokens / latency of the full call. Weights are random: the end
 token's embedding row is zeroed so that no text path stops early (every call generates
@@ -20,6 +27,7 @@ exactly `--new-tokens` tokens; checked).
     python benchmarks/generate_speed.py --quick    # a smoke run; numbers are not meaningful
 """
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -34,8 +42,11 @@ SHAPES = {  # gpt-tiny and gpt-small (configs/), and a toy shape for --quick
     "tiny": dict(vocab=4096, layers=4, heads=4, width=128, max_length=128),
     "small": dict(vocab=8192, layers=12, heads=12, width=768, max_length=512),
 }
-CONTENDERS = ("ours", "keras_hub_gpt2", "ours_text", "exported")
-BASELINE = {"ours": "keras_hub_gpt2", "exported": "ours_text"}
+CONTENDERS = ("ours", "keras_hub_gpt2", "ours_text", "exported", "ours_xla",
+              "keras_hub_gpt2_xla", "ours_text_xla", "exported_xla")
+BASELINE = {"ours": "keras_hub_gpt2", "exported": "ours_text",
+            "ours_xla": "keras_hub_gpt2_xla", "ours_text_xla": "ours_text",
+            "exported_xla": "ours_text_xla"}
 WORDS = ("return the value of a list string number file open read write close object "
          "class function module name path data type error default").split()
 
@@ -75,15 +86,18 @@ def build_artifact(directory, shape, seed):
 
 
 def build_keras_hub(shape):
+    """keras-hub's GPT2CausalLM as compiled by default, and the same one with XLA."""
     import keras_hub
 
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=shape["vocab"], num_layers=shape["layers"], num_heads=shape["heads"],
         hidden_dim=shape["width"], intermediate_dim=4 * shape["width"], dropout=0.0,
         max_sequence_length=shape["max_length"])
-    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    model.compile(sampler="greedy")
-    return model
+    default = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    default.compile(sampler="greedy")
+    xla = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    xla.compile(sampler="greedy", jit_compile=True)
+    return default, xla
 
 
 def time_interleaved(calls, repeats):
@@ -100,19 +114,21 @@ def time_interleaved(calls, repeats):
     return {name: benchlib.median(values) for name, values in times.items()}
 
 
-def contenders(model, tokenizer, keras_hub_model, loaded, prompts, prompt_ids):
+def contenders(model, tokenizer, keras_hub_models, exports, prompts, prompt_ids):
     """`{name: make(new_tokens) -> call}`; every call generates `new_tokens` per prompt."""
     import keras_hub
     import tensorflow as tf
 
     from keras_llm.generation import TextGenerator
 
-    generator = TextGenerator(model, tokenizer)
+    generators = {False: TextGenerator(model, tokenizer), True: TextGenerator(model, tokenizer,
+                                                                              jit_compile=True)}
     width = len(prompt_ids[0])
     batch = len(prompt_ids)
     greedy = keras_hub.samplers.GreedySampler()
-    step = tf.function(lambda ids, mask: model.generate_step(ids, mask, greedy))
-    generate = loaded.signatures["generate"]
+    steps = {jit: tf.function(lambda ids, mask: model.generate_step(ids, mask, greedy),
+                              jit_compile=jit) for jit in (False, True)}
+    generates = {jit: loaded.signatures["generate"] for jit, loaded in exports.items()}
 
     def token_inputs(new_tokens):
         ids = np.zeros((batch, width + new_tokens), "int32")
@@ -121,25 +137,28 @@ def contenders(model, tokenizer, keras_hub_model, loaded, prompts, prompt_ids):
         mask[:, :width] = True
         return ids, mask
 
-    def ours(new_tokens):
+    def ours(new_tokens, jit=False):
         ids, mask = token_inputs(new_tokens)
-        return lambda: step(ids, mask).numpy()
+        return lambda: steps[jit](ids, mask).numpy()
 
-    def keras_hub_gpt2(new_tokens):
+    def keras_hub_gpt2(new_tokens, jit=False):
         ids, mask = token_inputs(new_tokens)
-        return lambda: keras_hub_model.generate({"token_ids": ids, "padding_mask": mask},
-                                                stop_token_ids=None)
+        return lambda: keras_hub_models[jit].generate(
+            {"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
 
-    def ours_text(new_tokens):
-        return lambda: generator.generate(prompts, max_new_tokens=new_tokens, sampler="greedy")
+    def ours_text(new_tokens, jit=False):
+        return lambda: generators[jit].generate(prompts, max_new_tokens=new_tokens,
+                                                sampler="greedy")
 
-    def exported(new_tokens):
+    def exported(new_tokens, jit=False):
         inputs = dict(prompt=tf.constant(prompts), max_new_tokens=tf.constant(new_tokens),
                       temperature=tf.constant(0.0), top_k=tf.constant(1))
-        return lambda: generate(**inputs)["text"].numpy()
+        return lambda: generates[jit](**inputs)["text"].numpy()
 
-    return {"ours": ours, "keras_hub_gpt2": keras_hub_gpt2, "ours_text": ours_text,
-            "exported": exported}
+    makers = {"ours": ours, "keras_hub_gpt2": keras_hub_gpt2, "ours_text": ours_text,
+              "exported": exported}
+    return {**makers, **{f"{name}_xla": functools.partial(make, jit=True)
+                         for name, make in makers.items()}}
 
 
 def prompts_of(tokenizer, count, prompt_tokens, seed):
@@ -180,10 +199,10 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = build_artifact(os.path.join(tmp, "model"), shape, args.seed)
-        version_dir = export(os.path.join(tmp, "model"), os.path.join(tmp, "exports"),
-                             validate=False)
-        loaded = tf.saved_model.load(version_dir)
-        keras_hub_model = build_keras_hub(shape)
+        exports = {jit: tf.saved_model.load(export(
+            os.path.join(tmp, "model"), os.path.join(tmp, "exports"), validate=False, xla=jit))
+            for jit in (False, True)}
+        keras_hub_models = build_keras_hub(shape)
         rows, results = [], []
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             prompts, prompt_ids = prompts_of(tokenizer, batch, args.prompt_tokens, args.seed)
@@ -192,16 +211,21 @@ def main():
                 TextGenerator(model, tokenizer).step_function(name="greedy"))
             if any(len(ids) != args.new_tokens for ids in generated):
                 benchlib.fail("a text path stopped early at an end token")
-            # The export is the same computation: its text must equal the in-process text.
-            exported_text = loaded.signatures["generate"](
-                prompt=tf.constant(prompts), max_new_tokens=tf.constant(args.new_tokens),
-                temperature=tf.constant(0.0), top_k=tf.constant(1))["text"].numpy()
+            # The exports and the XLA loop are the same computation: same text.
             in_process = TextGenerator(model, tokenizer).generate(
                 prompts, max_new_tokens=args.new_tokens, sampler="greedy")
-            if [t.decode("utf-8", "replace") for t in exported_text] != \
-                    [str(t) for t in in_process]:
-                benchlib.fail("the exported model's greedy text differs from TextGenerator's")
-            makers = contenders(model, tokenizer, keras_hub_model, loaded, prompts, prompt_ids)
+            for jit, loaded in exports.items():
+                exported_text = loaded.signatures["generate"](
+                    prompt=tf.constant(prompts), max_new_tokens=tf.constant(args.new_tokens),
+                    temperature=tf.constant(0.0), top_k=tf.constant(1))["text"].numpy()
+                if [t.decode("utf-8", "replace") for t in exported_text] != \
+                        [str(t) for t in in_process]:
+                    benchlib.fail(f"the {'XLA ' if jit else ''}export's greedy text differs "
+                                  f"from TextGenerator's")
+            if TextGenerator(model, tokenizer, jit_compile=True).generate(
+                    prompts, max_new_tokens=args.new_tokens, sampler="greedy") != in_process:
+                benchlib.fail("the XLA-compiled loop's greedy text differs from the plain loop's")
+            makers = contenders(model, tokenizer, keras_hub_models, exports, prompts, prompt_ids)
             calls = {(name, n): makers[name](n) for name in CONTENDERS
                      for n in (args.new_tokens, 1)}
             seconds = time_interleaved(calls, args.repeats)
@@ -218,6 +242,10 @@ def main():
                 record["speedup_vs"] = BASELINE.get(name)
                 record["speedup"] = (record["new_tokens_per_s"] / baseline["new_tokens_per_s"]
                                      if baseline else None)
+                if name == "ours_xla":
+                    record["speedup_vs_keras_hub_default"] = (
+                        record["new_tokens_per_s"] /
+                        measured["keras_hub_gpt2"]["new_tokens_per_s"])
                 results.append(record)
                 rows.append([batch, name, f"{record['new_tokens_per_s']:.1f}",
                              f"{1000 * record['time_to_first_token_s']:.1f}",
