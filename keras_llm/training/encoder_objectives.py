@@ -9,6 +9,7 @@ Validation data is always masked statically (content-seeded), so every evaluatio
 the same inputs; training data follows `data.masking`.
 """
 import math
+import warnings
 
 import keras
 import keras_hub
@@ -22,6 +23,17 @@ from keras_llm.errors import ConfigError
 from keras_llm.training.objectives import Objective
 
 AUTOTUNE = tf.data.AUTOTUNE
+
+
+def expect_unused_pooler():
+    """Silences Keras' "Gradients do not exist" warning when the only variables it names are
+    poolers: objectives without next-sentence prediction never use the `[CLS]` pooler (it
+    is trained by fine-tuning), so its missing gradients are expected, every step. A warning
+    naming any other variable still shows."""
+    warnings.filterwarnings(
+        "ignore", category=UserWarning,
+        message=r"Gradients do not exist for variables \['[^']*pooler/(kernel|bias)'"
+                r"(, '[^']*pooler/(kernel|bias)')*\]")
 
 
 def masked_lm_loss():
@@ -130,6 +142,7 @@ class MaskedLMObjective(_EncoderObjective):
         return examples.batch(1)
 
     def compile(self, model, optimizer):
+        expect_unused_pooler()
         model.compile(optimizer=optimizer, loss=masked_lm_loss(),
                       weighted_metrics=masked_lm_metrics("mlm_"))
 
@@ -208,6 +221,7 @@ class ElectraObjective(MaskedLMObjective):
         return self.build_on(model, self._spec_dataset(tokenizer))
 
     def compile(self, model, optimizer):
+        expect_unused_pooler()
         model.compile(optimizer=optimizer)  # the loss and metrics live in the model
 
     def final_metrics(self, eval_logs, train_documents, validation_documents, tokenizer):

@@ -90,8 +90,8 @@ def test_models_train_a_few_steps_and_log_their_metrics(name, wordpiece):
     objective.check_tokenizer(wordpiece)
     model = objective.build_model(wordpiece)
     objective.compile(model, keras.optimizers.Adam(3e-3))
-    data = objective.dataset(synthetic_documents(), wordpiece, training=True)
-    history = model.fit(data, steps_per_epoch=5, epochs=2, verbose=0).history
+    data = objective.dataset(synthetic_documents(), wordpiece, training=True).repeat()
+    history = model.fit(data, steps_per_epoch=5, epochs=2, shuffle=False, verbose=0).history
     logs = model.evaluate(objective.dataset(synthetic_documents(seed=1), wordpiece, False),
                           return_dict=True, verbose=0)
     final = objective.final_metrics(logs, None, None, wordpiece)
@@ -177,3 +177,18 @@ def test_pretraining_on_the_builtin_corpus_lowers_the_validation_loss(name, loss
         assert metrics[prefix] < math.exp(before[loss_key]), (before, metrics)
     if name == "electra-small":
         assert metrics["val_rtd_loss"] < before["rtd_loss"], (before, metrics)
+
+
+def test_only_a_pooler_only_missing_gradient_warning_is_silenced():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoder_objectives.expect_unused_pooler()
+        warnings.warn("Gradients do not exist for variables ['m/bert_backbone/pooler/kernel', "
+                      "'m/bert_backbone/pooler/bias'] when minimizing the loss.")
+        warnings.warn("Gradients do not exist for variables ['m/bert_backbone/pooler/kernel', "
+                      "'m/dense/kernel'] when minimizing the loss.")
+    assert [str(w.message) for w in caught] == [
+        "Gradients do not exist for variables ['m/bert_backbone/pooler/kernel', "
+        "'m/dense/kernel'] when minimizing the loss."]
