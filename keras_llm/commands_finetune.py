@@ -61,7 +61,8 @@ TASKS = ("classification", "causal_lm", "seq2seq")
 @click.option("--max-seq-len", type=click.IntRange(min=4), default=None,
               help="Tokens per example after truncation. Default: min(128, the model's).")
 @click.option("--pooling", type=click.Choice(["cls", "last", "mean"]), default=None,
-              help="Classifier pooling. Default: cls for encoders, last for GPT.")
+              help="Classifier pooling: cls or mean for encoders, last or mean for GPT. "
+                   "Default: cls for encoders, last for GPT.")
 @click.option("--target-vocab-size", type=click.IntRange(min=16), default=None,
               help="seq2seq: train a separate target vocabulary of this size on the "
                    "training targets (e.g. the other language of a translation task); the "

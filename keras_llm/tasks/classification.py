@@ -1,7 +1,9 @@
 """Text classification: a pooled representation of the text -> class logits.
 
-Encoder backbones (BERT, RoBERTa, the ELECTRA discriminator) are read at `[CLS]`: their
-`pooled_output` (the tanh dense layer on the first position, as in BERT's fine-tuning).
+Encoder backbones (BERT, RoBERTa, the ELECTRA discriminator) are read at `[CLS]` by
+default: their `pooled_output` (the tanh dense layer on the first position, as in BERT's
+fine-tuning); "mean" averages their final states over the real tokens instead (what
+sentence encoders do, and a better start when pretraining never trained the pooler).
 A GPT backbone sees only the past, so its summary of the whole text is the state of the
 last real token ("last", as in GPT-1's classification fine-tuning), or the mean of the
 states of all real tokens ("mean").
@@ -12,7 +14,7 @@ from keras import ops
 from keras_llm.models.bert import BertBackbone
 from keras_llm.models.gpt import GPTBackbone
 
-POOLINGS = {"cls": BertBackbone, "last": GPTBackbone, "mean": GPTBackbone}
+POOLINGS = {"cls": (BertBackbone,), "last": (GPTBackbone,), "mean": (BertBackbone, GPTBackbone)}
 
 
 def pool_last_token(hidden, padding_mask):
@@ -39,8 +41,8 @@ class TextClassifier(keras.Model):
     Args:
         backbone: a `BertBackbone` (BERT, RoBERTa, ELECTRA discriminator) or a `GPTBackbone`.
         num_classes: number of classes.
-        pooling: "cls" for a `BertBackbone`; "last" (default) or "mean" for a `GPTBackbone`.
-            Defaults to the backbone's natural choice.
+        pooling: "cls" (default) or "mean" for a `BertBackbone`; "last" (default) or "mean"
+            for a `GPTBackbone`.
         dropout: dropout before the output layer.
 
     Example:
@@ -60,11 +62,14 @@ class TextClassifier(keras.Model):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
         if not isinstance(backbone, POOLINGS[pooling]):
-            raise ValueError(f"pooling {pooling!r} needs a {POOLINGS[pooling].__name__}; got "
-                             f"{type(backbone).__name__}")
+            raise ValueError(
+                f"pooling {pooling!r} needs a "
+                f"{' or '.join(kind.__name__ for kind in POOLINGS[pooling])}; got "
+                f"{type(backbone).__name__}")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2; got {num_classes}")
         self.backbone = backbone
+        self.encoder = isinstance(backbone, BertBackbone)
         self.num_classes = num_classes
         self.pooling = pooling
         self.dropout = dropout
@@ -76,16 +81,19 @@ class TextClassifier(keras.Model):
     def build(self, input_shape):
         shape = input_shape["token_ids"] if isinstance(input_shape, dict) else input_shape
         if not self.backbone.built:  # a deserialized backbone arrives built
-            self.backbone.build(input_shape if self.pooling == "cls" else shape)
+            self.backbone.build(input_shape if self.encoder else shape)
         self.output_layer.build((shape[0], self.backbone.hidden_size))
 
     def pooled(self, inputs, training=None):
         """The text's vector `(batch, hidden_size)` before the output layer."""
-        if self.pooling == "cls":
-            return self.backbone(inputs, training=training)["pooled_output"]
         padding_mask = inputs.get("padding_mask")
         if padding_mask is None:
             padding_mask = ops.ones_like(inputs["token_ids"], "bool")
+        if self.encoder:
+            outputs = self.backbone(inputs, training=training)
+            if self.pooling == "cls":
+                return outputs["pooled_output"]
+            return pool_mean(outputs["sequence_output"], padding_mask)
         hidden = self.backbone(inputs["token_ids"], padding_mask, training=training)
         pool = pool_last_token if self.pooling == "last" else pool_mean
         return pool(hidden, padding_mask)

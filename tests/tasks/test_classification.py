@@ -45,7 +45,20 @@ def test_gpt_last_token_reads_only_real_tokens():
     np.testing.assert_allclose(model(changed)[0], logits[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("backbone_class,pooling", [(BertBackbone, "cls"), (GPTBackbone, "mean")])
+def test_encoder_mean_pooling_averages_the_real_tokens():
+    keras.utils.set_random_seed(0)
+    model = TextClassifier(BertBackbone(**SIZES), 3, pooling="mean", dropout=0.0)
+    x = inputs()
+    pooled = keras.ops.convert_to_numpy(model.pooled(x))
+    hidden = keras.ops.convert_to_numpy(model.backbone(x)["sequence_output"])
+    np.testing.assert_allclose(pooled[0], hidden[0, :3].mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(pooled[1], hidden[1].mean(axis=0), atol=1e-6)
+    with pytest.raises(ValueError, match="pooling 'last' needs a GPTBackbone"):
+        TextClassifier(BertBackbone(**SIZES), 3, pooling="last")
+
+
+@pytest.mark.parametrize("backbone_class,pooling", [(BertBackbone, "cls"), (GPTBackbone, "mean"),
+                                                    (BertBackbone, "mean")])
 def test_keras_round_trip(tmp_path, backbone_class, pooling):
     keras.utils.set_random_seed(0)
     model = TextClassifier(backbone_class(**SIZES), 4, pooling=pooling)
