@@ -140,6 +140,16 @@ def start(parser):
     return args
 
 
+def choose_shapes(text, shapes, default):
+    """The shape names of a comma-separated `--shapes` value (or `default`), each checked
+    against `shapes`."""
+    names = (text or default).split(",")
+    for name in names:
+        if name not in shapes:
+            fail(f"--shapes: unknown shape {name!r}; choose from {', '.join(shapes)}")
+    return names
+
+
 def format_table(columns, rows):
     """Plain-text table: `columns` are header names, `rows` lists of already formatted cells."""
     cells = [list(map(str, columns))] + [[str(c) for c in row] for row in rows]

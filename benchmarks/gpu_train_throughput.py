@@ -72,10 +72,8 @@ def parse_args():
                              "past this many seconds (from the start of measurements)")
     args = benchlib.start(parser)
     quick = args.quick
-    args.shapes = (args.shapes or ("quick" if quick else "small,small_b32")).split(",")
-    for shape in args.shapes:
-        if shape not in SHAPES:
-            benchlib.fail(f"--shapes: unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    args.shapes = benchlib.choose_shapes(args.shapes, SHAPES,
+                                         "quick" if quick else "small,small_b32")
     args.windows = args.windows or (2 if quick else 5)
     args.steps = args.steps or (4 if quick else 50)
     if args.steps < args.windows:

@@ -66,10 +66,8 @@ def parse_args():
     parser.add_argument("--name", default=None, help="result file stem")
     args = benchlib.start(parser)
     quick = args.quick
-    args.shapes = (args.shapes or ("quick" if quick else "tiny,small")).split(",")
-    for shape in args.shapes:
-        if shape not in SHAPES:
-            benchlib.fail(f"--shapes: unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    args.shapes = benchlib.choose_shapes(args.shapes, SHAPES,
+                                         "quick" if quick else "tiny,small")
     args.jit_compile = args.jit_compile.split(",")
     args.warmup_steps = args.warmup_steps or (1 if quick else 3)
     args.windows = args.windows or (2 if quick else 5)
