@@ -100,3 +100,21 @@ class LearnedPositionEmbedding(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "max_length": self.max_length,
                 "initializer": keras.initializers.serialize(self.initializer)}
+
+
+POSITION_KINDS = ("learned", "sinusoidal")
+
+
+def position_layer(kind, max_length, initializer, dtype=None, name="position_embedding"):
+    """The position layer a model config names: "learned" (a `LearnedPositionEmbedding` of
+    `max_length` rows drawn from `initializer`) or "sinusoidal" (fixed, nothing to learn).
+
+    >>> position_layer("sinusoidal", 8, "zeros").__class__.__name__
+    'SinusoidalPositionEncoding'
+    """
+    if kind == "learned":
+        return LearnedPositionEmbedding(max_length, initializer=initializer, dtype=dtype,
+                                        name=name)
+    if kind == "sinusoidal":
+        return SinusoidalPositionEncoding(dtype=dtype, name=name)
+    raise ValueError(f"position must be one of {', '.join(POSITION_KINDS)}; got {kind!r}")

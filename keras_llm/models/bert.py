@@ -11,7 +11,8 @@ import keras
 from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 
-from keras_llm.layers import LearnedPositionEmbedding, TransformerEncoderBlock
+from keras_llm.layers import TransformerEncoderBlock
+from keras_llm.layers.position import position_layer
 from keras_llm.layers.transformer import get_activation
 from keras_llm.models.vocabulary import check_tokenizer_matches
 
@@ -45,6 +46,7 @@ class BertBackbone(keras.Model):
         norm_first: pre-layer-norm blocks and a final norm when True; BERT is post-norm.
         layer_norm_epsilon: epsilon of the layer norms.
         special_token_ids: the tokenizer's special ids, kept to refuse a mismatched tokenizer.
+        position: "learned" (BERT) or "sinusoidal" position encoding.
 
     Example:
 
@@ -64,16 +66,15 @@ class BertBackbone(keras.Model):
     def __init__(self, vocabulary_size, num_layers, num_heads, hidden_size, intermediate_size,
                  max_length, num_segments=2, embedding_size=None, dropout=0.1,
                  activation="gelu", norm_first=False, layer_norm_epsilon=1e-12,
-                 special_token_ids=None, **kwargs):
+                 special_token_ids=None, position="learned", **kwargs):
         super().__init__(**kwargs)
         embedding_size = embedding_size or hidden_size
         self.token_embedding = ReversibleEmbedding(
             vocabulary_size, embedding_size, tie_weights=True,
             embeddings_initializer=initializer(), dtype=self.dtype_policy,
             name="token_embedding")
-        self.position_embedding = LearnedPositionEmbedding(
-            max_length, initializer=initializer(), dtype=self.dtype_policy,
-            name="position_embedding")
+        self.position_embedding = position_layer(position, max_length, initializer(),
+                                                 dtype=self.dtype_policy)
         self.segment_embedding = keras.layers.Embedding(
             num_segments, embedding_size, embeddings_initializer=initializer(),
             dtype=self.dtype_policy, name="segment_embedding") if num_segments else None
@@ -109,6 +110,7 @@ class BertBackbone(keras.Model):
         self.norm_first = norm_first
         self.layer_norm_epsilon = layer_norm_epsilon
         self.special_token_ids = dict(special_token_ids) if special_token_ids else None
+        self.position = position
 
     def build(self, input_shape):
         token_shape = tuple(input_shape["token_ids"]) if isinstance(input_shape, dict) \
@@ -173,6 +175,7 @@ class BertBackbone(keras.Model):
             "norm_first": self.norm_first,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "special_token_ids": self.special_token_ids,
+            "position": self.position,
         }
 
     @classmethod
@@ -191,7 +194,7 @@ class BertBackbone(keras.Model):
             num_segments=0 if model_config.family == "roberta" else 2,
             embedding_size=model_config.embedding_size, dropout=model_config.dropout,
             activation=model_config.activation, norm_first=model_config.norm_first,
-            layer_norm_epsilon=model_config.layer_norm_epsilon,
+            layer_norm_epsilon=model_config.layer_norm_epsilon, position=model_config.position,
             special_token_ids=special_token_ids, name=f"{model_config.family}_backbone")
         arguments.update(overrides)
         return cls(**arguments)

@@ -8,12 +8,9 @@ import keras
 from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 
-from keras_llm.layers import (
-    LearnedPositionEmbedding,
-    SinusoidalPositionEncoding,
-    TransformerDecoderBlock,
-)
+from keras_llm.layers import TransformerDecoderBlock
 from keras_llm.layers.attention import empty_kv_cache
+from keras_llm.layers.position import position_layer
 from keras_llm.layers.validation import check_positive
 
 # GPT-2 (and nanoGPT) draw every kernel and embedding from N(0, 0.02); the kernels that
@@ -78,15 +75,8 @@ class GPTBackbone(keras.Model):
         self.token_embedding = ReversibleEmbedding(
             vocabulary_size, hidden_size, tie_weights=True,
             embeddings_initializer=initializer, dtype=self.dtype_policy, name="token_embedding")
-        if position == "learned":
-            self.position_embedding = LearnedPositionEmbedding(
-                max_length, initializer=initializer, dtype=self.dtype_policy,
-                name="position_embedding")
-        elif position == "sinusoidal":
-            self.position_embedding = SinusoidalPositionEncoding(
-                dtype=self.dtype_policy, name="position_embedding")
-        else:
-            raise ValueError(f"position must be 'learned' or 'sinusoidal'; got {position!r}")
+        self.position_embedding = position_layer(position, max_length, initializer,
+                                                 dtype=self.dtype_policy)
         self.embedding_dropout = keras.layers.Dropout(dropout)
         self.blocks = [
             TransformerDecoderBlock(

@@ -13,14 +13,10 @@ import keras
 from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 
-from keras_llm.layers import (
-    LearnedPositionEmbedding,
-    SinusoidalPositionEncoding,
-    TransformerDecoderBlock,
-    TransformerEncoderBlock,
-)
 from keras_llm.errors import ArtifactError
+from keras_llm.layers import TransformerDecoderBlock, TransformerEncoderBlock
 from keras_llm.layers.attention import empty_kv_cache
+from keras_llm.layers.position import position_layer
 from keras_llm.models.vocabulary import check_tokenizer_matches
 
 INITIALIZER_STDDEV = 0.02
@@ -136,13 +132,9 @@ class Seq2SeqBackbone(keras.Model):
         return self.token_embedding if self.shared_vocabulary else self.target_token_embedding
 
     def _position(self, position, max_length, name):
-        if position == "learned":
-            return LearnedPositionEmbedding(
-                max_length, initializer=keras.initializers.TruncatedNormal(
-                    stddev=INITIALIZER_STDDEV), dtype=self.dtype_policy, name=name)
-        if position == "sinusoidal":
-            return SinusoidalPositionEncoding(dtype=self.dtype_policy, name=name)
-        raise ValueError(f"position must be 'learned' or 'sinusoidal'; got {position!r}")
+        return position_layer(
+            position, max_length, keras.initializers.TruncatedNormal(stddev=INITIALIZER_STDDEV),
+            dtype=self.dtype_policy, name=name)
 
     def build(self, input_shape):
         batch = input_shape["encoder_token_ids"][0]

@@ -129,6 +129,24 @@ def test_from_model_config_roberta_has_no_segments():
     assert BertBackbone.from_model_config(ModelConfig(family="bert")).num_segments == 2
 
 
+def test_position_encoding_follows_the_config(tmp_path):
+    config = ModelConfig(family="bert", vocab_size=VOCABULARY, hidden_size=16, num_heads=2,
+                         intermediate_size=32, num_layers=1, max_length=LENGTH,
+                         position="sinusoidal")
+    backbone = BertBackbone.from_model_config(config)
+    backbone(inputs())
+    assert backbone.position == "sinusoidal"
+    assert not [v for v in backbone.weights if "position" in v.path]  # nothing to learn
+    model = BertMaskedLM(backbone)
+    expected = ops.convert_to_numpy(model(inputs()))
+    model.save(tmp_path / "sinusoidal.keras")
+    restored = keras.saving.load_model(tmp_path / "sinusoidal.keras")
+    assert restored.backbone.position == "sinusoidal"
+    np.testing.assert_allclose(ops.convert_to_numpy(restored(inputs())), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="position must be one of learned, sinusoidal"):
+        make_backbone(position="rotary")
+
+
 def test_a_mismatched_tokenizer_is_refused():
     model = BertMaskedLM(make_backbone())
     model.check_tokenizer(FakeTokenizer())
