@@ -105,8 +105,10 @@ def causal_lm_dataset(documents, tokenizer, seq_len, batch_size, seed=0, shuffle
     blocks = pack_tokens(to_chunks(token_documents), seq_len + 1)
     if shuffle:
         blocks = blocks.shuffle(max(1, shuffle_buffer // 4), seed=seed + 1)
-    pairs = blocks.map(lambda block: (block[:-1], block[1:]), num_parallel_calls=AUTOTUNE)
-    return pairs.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    # Split whole batches into (inputs, targets): one map call per batch, not per block.
+    batches = blocks.batch(batch_size, drop_remainder=True)
+    return batches.map(lambda ids: (ids[:, :-1], ids[:, 1:]),
+                       num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
 def token_counts(documents, tokenizer, vocabulary_size):

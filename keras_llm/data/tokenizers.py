@@ -4,7 +4,8 @@ TensorFlow graph by keras-hub's tokenizer layers, saved as plain files next to t
 Every kind has the same six special tokens at ids 0-5, so objectives can ask for a role
 (`pad`, `unk`, `cls`, `sep`, `mask`, `eos`) without knowing the kind:
 
-    bpe            byte-level BPE (GPT-2 style), keras_hub BytePairTokenizer
+    bpe            byte-level BPE (GPT-2 style), keras_hub BytePairTokenizer, with a table of
+                   the training corpus's words (`WordTableBytePairTokenizer`)
     wordpiece      BERT's WordPiece, keras_hub WordPieceTokenizer (tensorflow-text inside)
     sentencepiece  unigram SentencePiece, keras_hub SentencePieceTokenizer
 
@@ -30,6 +31,11 @@ SPECIAL_TOKENS = {
 }
 KINDS = ("bpe", "wordpiece", "sentencepiece")
 METADATA_FILE = "tokenizer.json"
+WORD_TABLE_FILE = "bpe_words.json"
+# The word table keeps the most frequent words of the tokenizer's training text: enough for
+# WikiText-103's common words, small enough to load in a second (about 4 MB of JSON).
+MAX_TABLE_WORDS = 1 << 17
+TABLE_TEXT_CHARACTERS = 50_000_000  # the words are counted on at most this much text
 
 
 class Tokenizer:
@@ -84,7 +90,9 @@ class Tokenizer:
             import keras_hub
 
             layer = keras_hub.tokenizers.SentencePieceTokenizer(proto=self.files["spm.model"])
-        return layer.tokenize(texts)
+        # Pipelines take the byte-level BPE's tf.data path; SavedModels call the layer's
+        # `tokenize` (`keras_llm.export`), all in the graph, for the same ids.
+        return getattr(layer, "tokenize_for_tf_data", layer.tokenize)(texts)
 
     def encode(self, texts):
         """Python lists of ids for a list of strings."""
@@ -106,7 +114,7 @@ class Tokenizer:
             return ""
         text = self.keras_tokenizer.detokenize(np.asarray([ids], "int32"))
         value = np.asarray(text).reshape(-1)[0]
-        return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+        return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
     def save(self, directory):
         from keras_llm.artifacts import atomic_write, write_json
@@ -135,12 +143,20 @@ def _from_files(kind, files, lowercase, where="tokenizer"):
     import keras_hub
 
     if kind == "bpe":
+        from keras_llm.data.bpe import WordTableBytePairTokenizer
+
         vocabulary = json.loads(files["vocab.json"].decode("utf-8"))
         merges = [line for line in files["merges.txt"].decode("utf-8").splitlines()
                   if line and not line.startswith("#version")]
         # Special tokens are inserted by id, never parsed out of text: declaring them
         # `unsplittable_tokens` would add 12 regex passes to every tokenize call.
-        layer = keras_hub.tokenizers.BytePairTokenizer(vocabulary=vocabulary, merges=merges)
+        if WORD_TABLE_FILE in files:
+            layer = WordTableBytePairTokenizer(
+                vocabulary=vocabulary, merges=merges,
+                word_table=_read_word_table(files[WORD_TABLE_FILE], len(vocabulary), where))
+        else:  # saved before the word table: keras-hub's pre-tokenizer, as it was trained
+            layer = keras_hub.tokenizers.BytePairTokenizer(vocabulary=vocabulary,
+                                                           merges=merges)
     elif kind == "wordpiece":
         vocabulary = files["vocab.txt"].decode("utf-8").splitlines()
         layer = keras_hub.tokenizers.WordPieceTokenizer(
@@ -155,7 +171,7 @@ def _from_files(kind, files, lowercase, where="tokenizer"):
     return Tokenizer(kind, layer, files, lowercase=lowercase)
 
 
-def _train_bpe(texts, vocab_size):
+def _train_bpe(texts, vocab_size, lowercase):
     import tempfile
 
     from tokenizers import ByteLevelBPETokenizer
@@ -166,8 +182,64 @@ def _train_bpe(texts, vocab_size):
                                 show_progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         trainer.save_model(tmp)
-        return {name: open(os.path.join(tmp, name), "rb").read()
-                for name in ("vocab.json", "merges.txt")}
+        files = {name: open(os.path.join(tmp, name), "rb").read()
+                 for name in ("vocab.json", "merges.txt")}
+        # Encodes words without special-token matching: as keras-hub's layer does.
+        plain = ByteLevelBPETokenizer(os.path.join(tmp, "vocab.json"),
+                                      os.path.join(tmp, "merges.txt"))
+    files[WORD_TABLE_FILE] = _build_word_table(texts, plain, lowercase)
+    return files
+
+
+def _build_word_table(texts, encoder, lowercase):
+    """JSON `{"words": [...], "ids": [[...], ...]}`: the `MAX_TABLE_WORDS` most frequent
+    words of `texts` (GPT-2 pre-tokens, `keras_llm.data.bpe.pretokenize`) and their ids,
+    encoded by HuggingFace `tokenizers` (one pre-token in, its merges out)."""
+    import collections
+
+    import tensorflow as tf
+
+    from keras_llm.data.bpe import pretokenize
+
+    budget, sample = TABLE_TEXT_CHARACTERS, []
+    for text in texts:
+        if budget <= 0:
+            break
+        sample.append(text[:budget])
+        budget -= len(sample[-1])
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(sample, tf.string)).batch(256)
+    if lowercase:
+        dataset = dataset.map(lambda t: tf.strings.lower(t, encoding="utf-8"))
+    counts = collections.Counter()
+    for words in dataset.map(lambda t: pretokenize(t).flat_values):
+        counts.update(words.numpy().tolist())
+    words = []
+    for word, _ in counts.most_common(MAX_TABLE_WORDS):
+        try:
+            words.append(word.decode("utf-8"))
+        except UnicodeDecodeError:  # a split inside a character: left to the merge loop
+            continue
+    ids = [encoding.ids for encoding in encoder.encode_batch(words)] if words else []
+    return json.dumps({"words": words, "ids": ids}, ensure_ascii=False,
+                      separators=(",", ":")).encode("utf-8")
+
+
+def _read_word_table(data, vocabulary_size, where):
+    """`(words, ids)` from a `WORD_TABLE_FILE`, checked: a bad table is a one-line error."""
+    path = f"{where}: {WORD_TABLE_FILE}"
+    try:
+        table = json.loads(data.decode("utf-8"))
+        words, ids = table["words"], table["ids"]
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{path}: not a BPE word table ({e})") from None
+    if not isinstance(words, list) or not isinstance(ids, list) or len(words) != len(ids):
+        raise DataError(f"{path}: 'words' and 'ids' must be lists of the same length")
+    for index, (word, row) in enumerate(zip(words, ids)):
+        if not isinstance(word, str) or not isinstance(row, list) or not all(
+                isinstance(i, int) and 0 <= i < vocabulary_size for i in row):
+            raise DataError(f"{path}: entry {index} ({word!r}) is not a word with token ids "
+                            f"below {vocabulary_size}")
+    return words, ids
 
 
 def _train_wordpiece(texts, vocab_size, lowercase):
@@ -210,7 +282,7 @@ def train_tokenizer(kind, texts, vocab_size, lowercase=False):
     if not texts:
         raise DataError("cannot train a tokenizer on an empty corpus")
     if kind == "bpe":
-        files = _train_bpe(texts, vocab_size)
+        files = _train_bpe(texts, vocab_size, lowercase)
     elif kind == "wordpiece":
         files = _train_wordpiece(texts, vocab_size, lowercase)
     else:

@@ -11,11 +11,12 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "inpu
 
 @pytest.mark.slow
 def test_input_pipeline_quick(tmp_path):
-    subprocess.run([sys.executable, SCRIPT, "--quick", "--kinds", "wordpiece",
-                    "--results-dir", str(tmp_path)], check=True, capture_output=True,
-                   timeout=600)
+    subprocess.run([sys.executable, SCRIPT, "--quick", "--kinds", "bpe,wordpiece",
+                    "--repeats", "2", "--results-dir", str(tmp_path)], check=True,
+                   capture_output=True, timeout=600)
     record = json.load(open(tmp_path / "input_pipeline.json"))
-    (result,) = record["results"]
-    assert result["kind"] == "wordpiece"
-    assert result["tokens_per_pass"] > 0
-    assert result["first_pass_tokens_per_s"] > 0 and result["hf_encode_tokens_per_s"] > 0
+    assert [result["kind"] for result in record["results"]] == ["bpe", "wordpiece"]
+    for result in record["results"]:
+        assert result["tokens_per_pass"] > 0
+        assert len(result["first_pass_samples"]) == len(result["hf_encode_samples"]) == 2
+        assert result["first_pass_tokens_per_s"] > 0 and result["hf_encode_tokens_per_s"] > 0
