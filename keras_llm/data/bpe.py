@@ -11,7 +11,9 @@ over a corpus runs at a quarter of HuggingFace `tokenizers`' speed. Here:
   follow from the classes of neighbours, a few vectorized ops per batch;
 - the words of the tokenizer's own training text (`keras_llm.data.tokenizers` builds the
   table when it trains the vocabulary) are looked up in a static hash table;
-- only words missing from the table go through keras-hub's merge loop.
+- only words missing from the table are merged: in tf.data by HuggingFace `tokenizers`
+  through `tf.py_function` (`tokenize_for_tf_data`), in SavedModels by keras-hub's loop
+  (`tokenize`).
 
 The ids equal HuggingFace `tokenizers`' encoding with the same vocabulary and merges (the
 tests compare them on real and on randomly generated text). keras-hub's own pre-tokenizer
