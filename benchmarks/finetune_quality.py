@@ -24,6 +24,8 @@ with the wall time of every run and writes `benchmarks/results/finetune_quality.
 
     python benchmarks/finetune_quality.py            # full run (an hour or more on 2 CPUs)
     python benchmarks/finetune_quality.py --quick    # smoke run on a few hundred examples
+    python benchmarks/finetune_quality.py --families gpt-tiny --skip-seq2seq \
+        --finetune-seeds 1,2,3                       # fine-tuning noise: mean +- std
 """
 import argparse
 import csv
@@ -54,6 +56,9 @@ def parse_args():
                              "bert-tiny=3000,roberta-tiny=3000, others their config's; quick: 5)")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (4)")
     parser.add_argument("--seq2seq-epochs", type=int, default=None, help="Multi30k epochs (10)")
+    parser.add_argument("--finetune-seeds", default=None,
+                        help="comma list: fine-tune every (model, task) once per seed and "
+                             "report the mean and standard deviation (default: --seed)")
     parser.add_argument("--skip-seq2seq", action="store_true")
     parser.add_argument("--separate-vocabularies", action="store_true",
                         help="seq2seq: an English source and a German target vocabulary, "
@@ -62,6 +67,11 @@ def parse_args():
     args.pretrain_steps = parse_steps(args.pretrain_steps or ("5" if args.quick else
                                                               DEFAULT_PRETRAIN_STEPS))
     args.epochs = args.epochs or (1 if args.quick else 4)
+    try:
+        args.finetune_seeds = [int(x) for x in (args.finetune_seeds or str(args.seed)).split(",")]
+    except ValueError:
+        raise SystemExit(f"--finetune-seeds: {args.finetune_seeds!r} is not a comma list of "
+                         f"integers") from None
     args.seq2seq_epochs = args.seq2seq_epochs or (1 if args.quick else 10)
     args.work_dir = args.work_dir or os.path.join(
         benchlib.RESULTS_DIR, "finetune_quality_work" + ("_quick" if args.quick else ""))
@@ -154,12 +164,13 @@ def pretrained_and_random(args, family, paths):
     return pretrained, random_dir, watch.seconds, metrics
 
 
-def finetune_and_test(args, parent, name, train, test, validation=None, **options):
+def finetune_and_test(args, parent, name, train, test, validation=None, seed=None, **options):
     from keras_llm.evaluation import evaluate_artifact
     from keras_llm.training.finetune import FinetuneOptions, finetune
 
     output = os.path.join(args.work_dir, name)
-    settings = FinetuneOptions(data=train, validation_data=validation, seed=args.seed,
+    settings = FinetuneOptions(data=train, validation_data=validation,
+                               seed=args.seed if seed is None else seed,
                                **{"epochs": args.epochs, "batch_size": 32,
                                   "learning_rate": 5e-4, "max_seq_len": 64 if args.quick
                                   else 128, **options})
@@ -183,14 +194,24 @@ def main():
         for task, train, validation, test in (
                 ("ag_news", paths["ag_news_train"], paths["ag_news_dev"], paths["ag_news_test"]),
                 ("trec6", paths["trec6_train"], None, paths["trec6_test"])):
+            scores = {}
             for init, parent in (("pretrained", pretrained), ("random", random_dir)):
-                metrics, report, seconds = finetune_and_test(
-                    args, parent, f"{family}-{init}-{task}", train, test, validation)
-                records.append({"run": f"{family} {init} {task}", "seconds": round(seconds, 1),
-                                "finetune": metrics, "test": {
-                                    k: report[k] for k in ("accuracy", "macro_f1", "examples")}})
-                rows.append([f"{family} {init}", task, f"{report['accuracy']:.4f}",
-                             f"{report['macro_f1']:.4f}", f"{seconds:.0f}"])
+                for seed in args.finetune_seeds:
+                    suffix = "" if len(args.finetune_seeds) == 1 else f"-seed{seed}"
+                    metrics, report, seconds = finetune_and_test(
+                        args, parent, f"{family}-{init}-{task}{suffix}", train, test,
+                        validation, seed=seed)
+                    records.append({"run": f"{family} {init} {task}", "seed": seed,
+                                    "seconds": round(seconds, 1), "finetune": metrics,
+                                    "test": {k: report[k]
+                                             for k in ("accuracy", "macro_f1", "examples")}})
+                    rows.append([f"{family} {init}" + (f" seed {seed}" if suffix else ""),
+                                 task, f"{report['accuracy']:.4f}",
+                                 f"{report['macro_f1']:.4f}", f"{seconds:.0f}"])
+                    scores.setdefault(init, []).append((report["accuracy"],
+                                                        report["macro_f1"]))
+            if len(args.finetune_seeds) > 1:
+                rows.extend(seed_summary(family, task, scores, records))
     if not args.skip_seq2seq:
         rows.append(seq2seq_run(args, paths, records))
     print(benchlib.format_table(
@@ -198,6 +219,29 @@ def main():
     path = benchlib.write_result("finetune_quality" + ("_quick" if args.quick else ""), args,
                                  {"runs": records})
     print(f"results: {path}")
+
+
+def seed_summary(family, task, scores, records):
+    """Mean +- standard deviation over fine-tuning seeds, and the gain of pretraining."""
+    import numpy as np
+
+    rows, summary = [], {}
+    for init, values in scores.items():
+        values = np.asarray(values)
+        summary[init] = {"accuracy_mean": float(values[:, 0].mean()),
+                         "accuracy_std": float(values[:, 0].std(ddof=1)),
+                         "macro_f1_mean": float(values[:, 1].mean()),
+                         "macro_f1_std": float(values[:, 1].std(ddof=1))}
+        rows.append([f"{family} {init} mean of {len(values)}", task,
+                     f"{summary[init]['accuracy_mean']:.4f} +-{summary[init]['accuracy_std']:.4f}",
+                     f"{summary[init]['macro_f1_mean']:.4f} +-{summary[init]['macro_f1_std']:.4f}",
+                     ""])
+    gain = {key: summary["pretrained"][key] - summary["random"][key]
+            for key in ("accuracy_mean", "macro_f1_mean")}
+    records.append({"run": f"{family} {task} over seeds", **summary, "gain": gain})
+    rows.append([f"{family} gain from pretraining", task, f"{gain['accuracy_mean']:+.4f}",
+                 f"{gain['macro_f1_mean']:+.4f}", ""])
+    return rows
 
 
 def seq2seq_run(args, paths, records):
