@@ -59,6 +59,9 @@ def parse_args():
     parser.add_argument("--finetune-seeds", default=None,
                         help="comma list: fine-tune every (model, task) once per seed and "
                              "report the mean and standard deviation (default: --seed)")
+    parser.add_argument("--reuse-pretrained", action="store_true",
+                        help="keep a family's pretrained and random-init artifacts from an "
+                             "earlier run in --work-dir when their config is the same")
     parser.add_argument("--skip-seq2seq", action="store_true")
     parser.add_argument("--separate-vocabularies", action="store_true",
                         help="seq2seq: an English source and a German target vocabulary, "
@@ -151,10 +154,19 @@ def pretrained_and_random(args, family, paths):
                  "train.seed": args.seed}
     config = load_config(family, overrides=overrides)
     pretrained = os.path.join(args.work_dir, family)
+    random_dir = pretrained + "-random"
+    if args.reuse_pretrained and all(artifacts.is_complete(d) for d in (pretrained, random_dir)):
+        import yaml
+
+        with open(os.path.join(pretrained, artifacts.CONFIG_FILE), encoding="utf-8") as f:
+            if yaml.safe_load(f) == config.to_dict():
+                metrics = artifacts.read_json(os.path.join(pretrained, artifacts.METRICS_FILE))
+                print(f"reusing {pretrained} (same config)")
+                return pretrained, random_dir, metrics.get("train_seconds", 0.0), metrics
+        print(f"{pretrained}: config differs; pretraining again")
     with benchlib.Stopwatch() as watch:
         metrics = pretrain(config, pretrained, overwrite=True, verbose=0)
     tokenizer = load_tokenizer(os.path.join(pretrained, artifacts.TOKENIZER_DIR))
-    random_dir = pretrained + "-random"
     model = get_objective(config).build_model(tokenizer)  # same shape, same tokenizer
     artifacts.save_model_artifact(random_dir, model, tokenizer, config, {},
                                   artifacts.make_metadata(
