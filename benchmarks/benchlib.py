@@ -150,6 +150,22 @@ def choose_shapes(text, shapes, default):
     return names
 
 
+def parse_seeds(text, default, option="--seeds"):
+    """The seeds of a comma-separated option value, or `[default]` when it is empty."""
+    if not text:
+        return [default]
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        fail(f"{option}: {text!r} is not a comma-separated list of integers")
+
+
+def mean_and_std(values):
+    """Mean and sample standard deviation (0.0 for a single value) of a list of numbers."""
+    values = [float(v) for v in values]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def format_table(columns, rows):
     """Plain-text table: `columns` are header names, `rows` lists of already formatted cells."""
     cells = [list(map(str, columns))] + [[str(c) for c in row] for row in rows]

@@ -70,11 +70,8 @@ def parse_args():
     args.pretrain_steps = parse_steps(args.pretrain_steps or ("5" if args.quick else
                                                               DEFAULT_PRETRAIN_STEPS))
     args.epochs = args.epochs or (1 if args.quick else 4)
-    try:
-        args.finetune_seeds = [int(x) for x in (args.finetune_seeds or str(args.seed)).split(",")]
-    except ValueError:
-        raise SystemExit(f"--finetune-seeds: {args.finetune_seeds!r} is not a comma list of "
-                         f"integers") from None
+    args.finetune_seeds = benchlib.parse_seeds(args.finetune_seeds, args.seed,
+                                               "--finetune-seeds")
     args.seq2seq_epochs = args.seq2seq_epochs or (1 if args.quick else 10)
     args.work_dir = args.work_dir or os.path.join(
         benchlib.RESULTS_DIR, "finetune_quality_work" + ("_quick" if args.quick else ""))
@@ -235,15 +232,12 @@ def main():
 
 def seed_summary(family, task, scores, records):
     """Mean +- standard deviation over fine-tuning seeds, and the gain of pretraining."""
-    import numpy as np
-
     rows, summary = [], {}
     for init, values in scores.items():
-        values = np.asarray(values)
-        summary[init] = {"accuracy_mean": float(values[:, 0].mean()),
-                         "accuracy_std": float(values[:, 0].std(ddof=1)),
-                         "macro_f1_mean": float(values[:, 1].mean()),
-                         "macro_f1_std": float(values[:, 1].std(ddof=1))}
+        accuracy, accuracy_std = benchlib.mean_and_std([a for a, _ in values])
+        macro_f1, macro_f1_std = benchlib.mean_and_std([f for _, f in values])
+        summary[init] = {"accuracy_mean": accuracy, "accuracy_std": accuracy_std,
+                         "macro_f1_mean": macro_f1, "macro_f1_std": macro_f1_std}
         rows.append([f"{family} {init} mean of {len(values)}", task,
                      f"{summary[init]['accuracy_mean']:.4f} +-{summary[init]['accuracy_std']:.4f}",
                      f"{summary[init]['macro_f1_mean']:.4f} +-{summary[init]['macro_f1_std']:.4f}",

@@ -55,7 +55,7 @@ def parse_args():
     parser.add_argument("--decay-embeddings", action=argparse.BooleanOptionalAction,
                         default=True, help="weight decay on the token and position tables")
     args = benchlib.start(parser)
-    args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    args.seeds = benchlib.parse_seeds(args.seeds, args.seed)
     quick = args.quick
     args.steps = args.steps or (20 if quick else 2000)
     args.eval_interval = args.eval_interval or (10 if quick else 250)
@@ -186,17 +186,13 @@ def train_and_evaluate(args, seed, train_ids, val_ids, vocabulary):
     }
 
 
-def mean_and_std(values):
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
 def main():
     args = parse_args()
     train_ids, val_ids, vocabulary = load_characters(args.data)  # fails fast without data
     runs = [train_and_evaluate(args, seed, train_ids, val_ids, vocabulary)
             for seed in args.seeds]
-    val_loss, val_loss_std = mean_and_std([r["val_loss"] for r in runs])
-    full_val_loss, full_val_loss_std = mean_and_std([r["full_val_loss"] for r in runs])
+    val_loss, val_loss_std = benchlib.mean_and_std([r["val_loss"] for r in runs])
+    full_val_loss, full_val_loss_std = benchlib.mean_and_std([r["full_val_loss"] for r in runs])
     wall_time = float(np.mean([r["wall_time_s"] for r in runs]))
     first = runs[0]
     result = {
