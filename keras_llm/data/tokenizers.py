@@ -213,12 +213,8 @@ def _build_word_table(texts, encoder, lowercase):
     counts = collections.Counter()
     for words in dataset.map(lambda t: pretokenize(t).flat_values):
         counts.update(words.numpy().tolist())
-    words = []
-    for word, _ in counts.most_common(MAX_TABLE_WORDS):
-        try:
-            words.append(word.decode("utf-8"))
-        except UnicodeDecodeError:  # a split inside a character: left to the merge loop
-            continue
+    # `pretokenize` re-encodes whole characters: every word is valid UTF-8.
+    words = [word.decode("utf-8") for word, _ in counts.most_common(MAX_TABLE_WORDS)]
     ids = [encoding.ids for encoding in encoder.encode_batch(words)] if words else []
     return json.dumps({"words": words, "ids": ids}, ensure_ascii=False,
                       separators=(",", ":")).encode("utf-8")
