@@ -156,6 +156,8 @@ def load_model_artifact(model_dir):
     import keras
 
     from keras_llm import models, tasks  # noqa: F401  (registers the model classes)
+    # ... and the loss and optimizer they were compiled with.
+    from keras_llm.training import losses, optim  # noqa: F401
     from keras_llm.data.tokenizers import load_tokenizer
 
     if not os.path.isdir(model_dir):

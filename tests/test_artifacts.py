@@ -62,3 +62,32 @@ def test_a_model_that_no_longer_matches_is_one_clean_line(artifact):
     assert "cannot load the model" in result.output
     assert "Traceback" not in result.output
     assert result.output.count("\n") == 1, result.output
+
+
+def test_an_artifact_compiled_with_the_product_loss_loads_in_a_fresh_process(tmp_path):
+    """`model.keras` keeps the compile config; its `TokenCrossEntropy` and `AdamW` must be
+    registered by `load_model_artifact` itself, not by whoever imported the training code."""
+    import subprocess
+    import sys
+
+    from keras_llm.config import TrainConfig
+    from keras_llm.training.objectives import get_objective
+    from keras_llm.training.optim import make_optimizer
+
+    config = load_config("gpt-tiny", overrides=SIZES)
+    tokenizer = train_tokenizer("bpe", ["a small corpus of words, words and more words"] * 20,
+                                300)
+    objective = get_objective(config)
+    model = objective.build_model(tokenizer)
+    objective.compile(model, make_optimizer(TrainConfig(), total_steps=10))
+    directory = str(tmp_path / "compiled")
+    artifacts.save_model_artifact(directory, model, tokenizer, config, {},
+                                  artifacts.make_metadata("model", config))
+    code = ("import sys; from keras_llm.artifacts import load_model_artifact; "
+            "model = load_model_artifact(sys.argv[1]).model; "
+            "print(type(model.loss).__name__, type(model.optimizer).__module__)")
+    result = subprocess.run([sys.executable, "-c", code, directory], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == (
+        "TokenCrossEntropy keras_llm.training.optim")

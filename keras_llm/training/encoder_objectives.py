@@ -20,6 +20,7 @@ from keras_llm.data.denoising import denoising_dataset
 from keras_llm.data.masking import continuation_id_table, masked_lm_dataset, wrap_blocks
 from keras_llm.data.nsp import next_sentence_dataset
 from keras_llm.errors import ConfigError
+from keras_llm.training.losses import TokenCrossEntropy
 from keras_llm.training.objectives import Objective
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -38,8 +39,7 @@ def expect_unused_pooler():
 
 def masked_lm_loss():
     """Cross-entropy averaged over the real predictions (weights), not over padded slots."""
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True,
-                                                      reduction="mean_with_sample_weight")
+    return TokenCrossEntropy(reduction="mean_with_sample_weight")
 
 
 def masked_lm_metrics(prefix):

@@ -39,6 +39,7 @@ import numpy as np
 from keras_llm import artifacts
 from keras_llm.errors import ArtifactError, ConfigError, DataError
 from keras_llm.training import distribute, loop
+from keras_llm.training.losses import TokenCrossEntropy
 
 logger = logging.getLogger(__name__)
 
@@ -398,8 +399,7 @@ class _Perplexity(keras.callbacks.Callback):
 
 
 def _weighted_lm_loss():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True,
-                                                      reduction="mean_with_sample_weight")
+    return TokenCrossEntropy(reduction="mean_with_sample_weight")
 
 
 def setup_classification(parent, options, train, validation, max_seq_len):

@@ -9,6 +9,7 @@ import importlib
 import keras
 
 from keras_llm.errors import ConfigError
+from keras_llm.training.losses import TokenCrossEntropy
 
 OBJECTIVES = {
     "causal_lm": "keras_llm.training.objectives:CausalLMObjective",
@@ -82,7 +83,7 @@ class CausalLMObjective(Objective):
     def compile(self, model, optimizer):
         model.compile(
             optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            loss=TokenCrossEntropy(),
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         )
 

@@ -37,6 +37,8 @@ def build_model(seed, dropout, learning_rate=1e-2, grad_accum_steps=None):
     import keras
 
     from keras_llm.models import GPTBackbone, GPTCausalLM
+    from keras_llm.training.losses import TokenCrossEntropy
+    from keras_llm.training.optim import AdamW  # the product's (fused on one device)
 
     keras.utils.set_random_seed(seed)
     model = GPTCausalLM(GPTBackbone(
@@ -44,9 +46,8 @@ def build_model(seed, dropout, learning_rate=1e-2, grad_accum_steps=None):
         intermediate_size=2 * WIDTH, max_length=SEQ_LEN, dropout=dropout))
     model.build((None, SEQ_LEN))
     model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate,
-                                         gradient_accumulation_steps=grad_accum_steps),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=AdamW(learning_rate, gradient_accumulation_steps=grad_accum_steps),
+        loss=TokenCrossEntropy(),  # the product's loss (fused on TensorFlow)
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     return model
 
