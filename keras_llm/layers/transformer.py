@@ -1,12 +1,14 @@
 """Transformer encoder and decoder blocks, pre- or post-layer-norm."""
 import keras
 
+from keras_llm.layers.activations import gelu, gelu_tanh
 from keras_llm.layers.attention import MultiHeadAttention, cache_length, merge_masks
+from keras_llm.layers.normalization import LayerNormalization
 from keras_llm.layers.validation import check_positive, check_rate, check_shape
 
 ACTIVATIONS = {
-    "gelu": lambda x: keras.activations.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: keras.activations.gelu(x, approximate=True),  # GPT-2's
+    "gelu": gelu,
+    "gelu_tanh": gelu_tanh,  # GPT-2's
     "relu": keras.activations.relu,
 }
 
@@ -104,7 +106,7 @@ class _TransformerBlock(keras.layers.Layer):
             dtype=self.dtype_policy, name=name)
 
     def _norm(self, name, input_shape):
-        norm = keras.layers.LayerNormalization(
+        norm = LayerNormalization(
             epsilon=self.layer_norm_epsilon, center=self.use_bias, dtype=self.dtype_policy,
             name=name)
         norm.build(input_shape)

@@ -12,6 +12,7 @@ from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 
 from keras_llm.layers import TransformerEncoderBlock
+from keras_llm.layers.normalization import LayerNormalization
 from keras_llm.layers.position import position_layer
 from keras_llm.layers.transformer import get_activation
 from keras_llm.models.vocabulary import check_tokenizer_matches
@@ -78,7 +79,7 @@ class BertBackbone(keras.Model):
         self.segment_embedding = keras.layers.Embedding(
             num_segments, embedding_size, embeddings_initializer=initializer(),
             dtype=self.dtype_policy, name="segment_embedding") if num_segments else None
-        self.embedding_norm = keras.layers.LayerNormalization(
+        self.embedding_norm = LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="embedding_norm")
         self.embedding_dropout = keras.layers.Dropout(dropout)
         self.embedding_projection = keras.layers.Dense(
@@ -91,7 +92,7 @@ class BertBackbone(keras.Model):
                 kernel_initializer=initializer(), dtype=self.dtype_policy, name=f"block_{i}")
             for i in range(num_layers)
         ]
-        self.final_norm = keras.layers.LayerNormalization(
+        self.final_norm = LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy,
             name="final_norm") if norm_first else None
         self.pooler = keras.layers.Dense(
@@ -235,7 +236,7 @@ class MaskedLMHead(keras.layers.Layer):
             embedding_size, kernel_initializer=initializer(), dtype=self.dtype_policy,
             name="transform")
         self.transform.build(sequence_output_shape)
-        self.norm = keras.layers.LayerNormalization(
+        self.norm = LayerNormalization(
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="norm")
         self.norm.build((*sequence_output_shape[:-1], embedding_size))
         self.output_bias = self.add_weight(

@@ -10,6 +10,7 @@ from keras_hub.layers import ReversibleEmbedding
 
 from keras_llm.layers import TransformerDecoderBlock
 from keras_llm.layers.attention import empty_kv_cache
+from keras_llm.layers.normalization import LayerNormalization
 from keras_llm.layers.position import position_layer
 from keras_llm.layers.validation import check_positive
 
@@ -87,7 +88,7 @@ class GPTBackbone(keras.Model):
                 name=f"block_{i}")
             for i in range(num_layers)
         ]
-        self.final_norm = keras.layers.LayerNormalization(
+        self.final_norm = LayerNormalization(
             epsilon=layer_norm_epsilon, center=use_bias, dtype=self.dtype_policy,
             name="final_norm") if norm_first else None
         self.vocabulary_size = vocabulary_size

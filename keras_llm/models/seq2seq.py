@@ -16,6 +16,7 @@ from keras_hub.layers import ReversibleEmbedding
 from keras_llm.errors import ArtifactError
 from keras_llm.layers import TransformerDecoderBlock, TransformerEncoderBlock
 from keras_llm.layers.attention import empty_kv_cache
+from keras_llm.layers.normalization import LayerNormalization
 from keras_llm.layers.position import position_layer
 from keras_llm.models.vocabulary import check_tokenizer_matches
 
@@ -101,7 +102,7 @@ class Seq2SeqBackbone(keras.Model):
                                     name=f"decoder_block_{i}", **block_options)
             for i in range(num_decoder_layers)]
         self.encoder_norm, self.decoder_norm = [
-            keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=self.dtype_policy,
+            LayerNormalization(epsilon=layer_norm_epsilon, dtype=self.dtype_policy,
                                             name=name) if norm_first else None
             for name in ("encoder_final_norm", "decoder_final_norm")]
         self.vocabulary_size = vocabulary_size
