@@ -3,14 +3,23 @@
 Pairs (ours vs keras-hub): `gpt` vs `keras_hub_gpt2` (GPT2Backbone + its tied LM head,
 i.e. `GPT2CausalLM` without a preprocessor); `bert` vs `keras_hub_bert` (each one's
 `BertMaskedLM`, 15% of positions predicted) when `keras_llm.models.bert` exists. To add a
-pair, write two builders and list them in `MODEL_BUILDERS`. Both sides get the same
-optimizer (the product's AdamW: `make_optimizer`), the same loss
-(`SparseCategoricalCrossentropy(from_logits=True)`, no metrics), the same `jit_compile`
-and dtype policy, the same random token batches. Each model is stepped with
+pair, write two builders and list them in `MODEL_BUILDERS`. Every model gets the same
+optimizer settings (`make_optimizer`: AdamW, the schedule, weight decay, global-norm
+clipping), no metrics (keras-hub's tasks add an accuracy metric unless
+`weighted_metrics=[]`; every step's logs are checked to hold only the loss), the same
+`jit_compile` and dtype policy, the same random token batches. Each side trains with its
+library's own training recipe (`RECIPES`): ours as `keras-llm pretrain` does (the fused
+`TokenCrossEntropy` loss and keras-llm's `AdamW`, whose update is one kernel per variable
+on TensorFlow), keras-hub's with Keras' `SparseCategoricalCrossentropy(from_logits=True)`
+(its tasks' default loss) and `keras.optimizers.AdamW`. The `gpt_keras_recipe` and
+`bert_keras_recipe` rows train our models with Keras' recipe: the models alone, like for
+like, and the before of the fused loss and optimizer. Each model is stepped with
 `train_on_batch` (one synchronized step at a time); the first `--warmup-steps` (tracing,
 XLA compilation) are excluded, then `--windows` timed windows of `--window-steps` steps
 run interleaved across models (so load changes hit every model alike), and the median
-window gives tokens/s.
+window gives tokens/s. `paired` is the median over windows of the ratio of a model's window
+to its rival's window of the same round: the steadiest figure on a shared machine, whose
+speed drifts by 10% within a run.
 
 Model FLOPs utilization (PaLM, appendix B; nanoGPT's `estimate_mfu`), for causal LMs:
 
@@ -57,7 +66,7 @@ def parse_args():
                         help="comma list of auto/true/false; each value is its own column set")
     parser.add_argument("--precision", default="float32",
                         choices=["float32", "mixed_bfloat16", "mixed_float16"])
-    parser.add_argument("--warmup-steps", type=int, default=None, help="(3)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="(6)")
     parser.add_argument("--windows", type=int, default=None, help="timed windows (5)")
     parser.add_argument("--window-steps", type=int, default=None, help="steps per window (5)")
     parser.add_argument("--peak-size", type=int, default=None, help="matmul size (2048)")
@@ -69,7 +78,7 @@ def parse_args():
     args.shapes = benchlib.choose_shapes(args.shapes, SHAPES,
                                          "quick" if quick else "tiny,small")
     args.jit_compile = args.jit_compile.split(",")
-    args.warmup_steps = args.warmup_steps or (1 if quick else 3)
+    args.warmup_steps = args.warmup_steps or (1 if quick else 6)
     args.windows = args.windows or (2 if quick else 5)
     args.window_steps = args.window_steps or (2 if quick else 5)
     args.peak_size = args.peak_size or (256 if quick else 2048)
@@ -80,6 +89,20 @@ def parse_args():
 # Models. A builder takes a shape dict and returns `(model, make_step, flops_per_token)`:
 # the uncompiled model, a function turning a `(batch, seq + 1)` id array into one training
 # step's `(inputs, targets)`, and the model FLOPs of one input token (see the docstring).
+
+def keras_recipe():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True), keras.optimizers.AdamW
+
+
+def keras_llm_recipe():
+    from keras_llm.training.losses import TokenCrossEntropy
+    from keras_llm.training.optim import AdamW
+
+    return TokenCrossEntropy(), AdamW
+
+
+# name: () -> (loss, optimizer class given to `make_optimizer`)
+RECIPES = {"keras": keras_recipe, "keras-llm": keras_llm_recipe}
 
 def causal_lm_flops(model, shape):
     """6 N + 12 L T D with N = trainable parameters without the position table."""
@@ -174,17 +197,20 @@ def bert_available():
     return importlib.util.find_spec("keras_llm.models.bert") is not None
 
 
-# name: (builder, the keras-hub model it is compared with (None: it is keras-hub's), available)
+# name: (builder, the keras-hub model it is compared with (None: it is keras-hub's), available,
+#        training recipe)
 MODEL_BUILDERS = {
-    "gpt": (build_gpt, "keras_hub_gpt2", lambda: True),
-    "keras_hub_gpt2": (build_keras_hub_gpt2, None, lambda: True),
-    "bert": (build_bert, "keras_hub_bert", bert_available),
-    "keras_hub_bert": (build_keras_hub_bert, None, bert_available),
+    "gpt": (build_gpt, "keras_hub_gpt2", lambda: True, "keras-llm"),
+    "gpt_keras_recipe": (build_gpt, "keras_hub_gpt2", lambda: True, "keras"),
+    "keras_hub_gpt2": (build_keras_hub_gpt2, None, lambda: True, "keras"),
+    "bert": (build_bert, "keras_hub_bert", bert_available, "keras-llm"),
+    "bert_keras_recipe": (build_bert, "keras_hub_bert", bert_available, "keras"),
+    "keras_hub_bert": (build_keras_hub_bert, None, bert_available, "keras"),
 }
 
 
 def default_models():
-    return [name for name, (_, _, available) in MODEL_BUILDERS.items() if available()]
+    return [name for name, (_, _, available, _) in MODEL_BUILDERS.items() if available()]
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,21 +256,26 @@ def run_shape(shape_name, jit_compile, args):
     contenders = {}
     for name in args.models:
         keras.utils.set_random_seed(args.seed)
-        model, make_step, model_flops = MODEL_BUILDERS[name][0](shape)
+        builder, _, _, recipe = MODEL_BUILDERS[name]
+        model, make_step, model_flops = builder(shape)
+        loss, optimizer_class = RECIPES[recipe]()
         total_steps = args.warmup_steps + args.windows * args.window_steps
         model.compile(
-            optimizer=make_optimizer(TrainConfig(warmup_steps=0), total_steps=total_steps),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=jit)
+            optimizer=make_optimizer(TrainConfig(warmup_steps=0), total_steps, optimizer_class),
+            loss=loss, weighted_metrics=[], jit_compile=jit)
         steps = [make_step(b) for b in batches]
         with benchlib.Stopwatch() as warmup:
             for i in range(args.warmup_steps):
                 x, y = steps[i % len(steps)]
-                model.train_on_batch(x, y)
+                logs = model.train_on_batch(x, y, return_dict=True)
+        if set(logs) != {"loss"}:
+            benchlib.fail(f"{name}: its training step computes {sorted(logs)}, not only the "
+                          "loss; the comparison would not be like for like")
         contenders[name] = dict(model=model, steps=steps, windows=[], cpu_windows=[],
                                 warmup_s=warmup.seconds, parameters=count_parameters(model),
                                 flops_per_token=model_flops(model, shape),
-                                jit_compile=str(model.jit_compile))
+                                jit_compile=str(model.jit_compile),
+                                recipe=recipe)
     tokens_per_window = args.window_steps * shape["batch"] * shape["seq"]
     for _ in range(args.windows):
         for name, c in contenders.items():
@@ -261,6 +292,7 @@ def run_shape(shape_name, jit_compile, args):
         tokens_per_s = benchlib.median(c["windows"])
         results.append({
             "shape": shape_name, **shape, "model": name, "jit_compile": c["jit_compile"],
+            "recipe": c["recipe"],
             "tokens_per_s": tokens_per_s, "windows_tokens_per_s": c["windows"],
             "step_ms": 1000 * shape["batch"] * shape["seq"] / tokens_per_s,
             # CPU seconds this process spent per step: on a shared CPU machine the ratio of
@@ -304,20 +336,28 @@ def main():
         rival = MODEL_BUILDERS[r["model"]][1]
         other = by_key.get((r["shape"], r["jit_compile"], rival))
         r["speedup_vs_keras_hub"] = r["tokens_per_s"] / other["tokens_per_s"] if other else None
+        # Windows run interleaved, so window i of both saw the same machine: the median of
+        # the per-window ratios cancels load that drifts during the run.
+        r["paired_speedup_vs_keras_hub"] = benchlib.median(
+            [a / b for a, b in zip(r["windows_tokens_per_s"], other["windows_tokens_per_s"])]
+        ) if other else None
         r["cpu_time_speedup_vs_keras_hub"] = (
             other["cpu_ms_per_step"] / r["cpu_ms_per_step"] if other else None)
 
-    table = [[r["shape"], r["model"], r["jit_compile"], f"{r['parameters'] / 1e6:.2f}M",
+    table = [[r["shape"], r["model"], r["recipe"], r["jit_compile"],
+              f"{r['parameters'] / 1e6:.2f}M",
               f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
               f"{r['achieved_tflops'] * 1e3:.1f}", f"{100 * r['mfu']:.3g}%",
               f"{r['speedup_vs_keras_hub']:.2f}x" if r["speedup_vs_keras_hub"] else "",
+              f"{r['paired_speedup_vs_keras_hub']:.2f}x"
+              if r["paired_speedup_vs_keras_hub"] else "",
               f"{r['cpu_ms_per_step']:.0f}",
               f"{r['cpu_time_speedup_vs_keras_hub']:.2f}x"
               if r["cpu_time_speedup_vs_keras_hub"] else "",
               f"{r['warmup_s']:.1f}"] for r in rows]
     print(benchlib.format_table(
-        ["shape", "model", "jit", "params", "tokens/s", "ms/step", "GFLOP/s", "MFU",
-         "vs keras-hub", "cpu ms/step", "cpu-time vs keras-hub", "warmup s"], table))
+        ["shape", "model", "recipe", "jit", "params", "tokens/s", "ms/step", "GFLOP/s", "MFU",
+         "vs keras-hub", "paired", "cpu ms/step", "cpu-time vs keras-hub", "warmup s"], table))
     print("FLOPs/token = 6*N + 12*L*T*D (N: trainable params without the position table; "
           "masked LMs count the MLM head on predicted positions only)")
     name = args.name or ("train_throughput" + ("_quick" if args.quick else ""))

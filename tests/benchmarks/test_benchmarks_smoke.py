@@ -55,11 +55,21 @@ def test_shakespeare_char_missing_data_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_train_throughput_quick(tmp_path):
     result = run_script("train_throughput.py", "--quick", "--results-dir", str(tmp_path),
-                        "--models", "gpt,keras_hub_gpt2")
+                        "--models", "gpt,gpt_keras_recipe,keras_hub_gpt2")
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((tmp_path / "train_throughput_quick.json").read_text())
     rows = {r["model"]: r for r in record["rows"]}
-    assert set(rows) == {"gpt", "keras_hub_gpt2"}
+    assert set(rows) == {"gpt", "gpt_keras_recipe", "keras_hub_gpt2"}
+    # Each library's own recipe, and our model with Keras' for the like-for-like row.
+    assert rows["gpt"]["recipe"] == "keras-llm"
+    assert rows["gpt_keras_recipe"]["recipe"] == rows["keras_hub_gpt2"]["recipe"] == "keras"
+    assert rows["gpt_keras_recipe"]["speedup_vs_keras_hub"] == pytest.approx(
+        rows["gpt_keras_recipe"]["tokens_per_s"] / rows["keras_hub_gpt2"]["tokens_per_s"])
+    pairs = [a / b for a, b in zip(rows["gpt"]["windows_tokens_per_s"],
+                                   rows["keras_hub_gpt2"]["windows_tokens_per_s"])]
+    assert rows["gpt"]["paired_speedup_vs_keras_hub"] == pytest.approx(sorted(pairs)[0] + (
+        sorted(pairs)[1] - sorted(pairs)[0]) / 2)  # the median of two windows
+    assert rows["keras_hub_gpt2"]["paired_speedup_vs_keras_hub"] is None
     # Identical shapes: the same parameter count and so the same FLOPs per token.
     assert rows["gpt"]["parameters"] == rows["keras_hub_gpt2"]["parameters"]
     layers, seq, width = 2, 32, 64
