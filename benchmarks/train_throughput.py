@@ -86,9 +86,7 @@ def parse_args():
 
 
 # ---------------------------------------------------------------------------------------
-# Models. A builder takes a shape dict and returns `(model, make_step, flops_per_token)`:
-# the uncompiled model, a function turning a `(batch, seq + 1)` id array into one training
-# step's `(inputs, targets)`, and the model FLOPs of one input token (see the docstring).
+# Training recipes: each library's loss and optimizer (see the docstring).
 
 def keras_recipe():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True), keras.optimizers.AdamW
@@ -103,6 +101,12 @@ def keras_llm_recipe():
 
 # name: () -> (loss, optimizer class given to `make_optimizer`)
 RECIPES = {"keras": keras_recipe, "keras-llm": keras_llm_recipe}
+
+
+# ---------------------------------------------------------------------------------------
+# Models. A builder takes a shape dict and returns `(model, make_step, flops_per_token)`:
+# the uncompiled model, a function turning a `(batch, seq + 1)` id array into one training
+# step's `(inputs, targets)`, and the model FLOPs of one input token (see the docstring).
 
 def causal_lm_flops(model, shape):
     """6 N + 12 L T D with N = trainable parameters without the position table."""

@@ -156,9 +156,9 @@ def load_model_artifact(model_dir):
     import keras
 
     from keras_llm import models, tasks  # noqa: F401  (registers the model classes)
-    # ... and the loss and optimizer they were compiled with.
-    from keras_llm.training import losses, optim  # noqa: F401
     from keras_llm.data.tokenizers import load_tokenizer
+    # ... and the loss and optimizer a model.keras was compiled with.
+    from keras_llm.training import losses, optim  # noqa: F401
 
     if not os.path.isdir(model_dir):
         raise ArtifactError(f"{model_dir}: no such model directory")

@@ -22,9 +22,9 @@ _INV_SQRT_2 = 1 / math.sqrt(2)
 _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 
 
-def _upstream(args, upstream):
-    # keras.ops.custom_gradient passes the upstream gradient positionally on TensorFlow and
-    # as `upstream=` on JAX.
+def upstream_gradient(args, upstream):
+    """The upstream gradient a `keras.ops.custom_gradient` gradient function receives:
+    positionally on TensorFlow, as `upstream=` on JAX."""
     return args[0] if upstream is None else upstream
 
 
@@ -35,7 +35,7 @@ def _gelu_tanh(x):
 
     def gradient(*args, upstream=None):
         slope = _TANH_LINEAR + (3 * _TANH_CUBIC) * ops.square(x)
-        return _upstream(args, upstream) * (s + (y - y * s) * slope)
+        return upstream_gradient(args, upstream) * (s + (y - y * s) * slope)
 
     return y, gradient
 
@@ -46,7 +46,7 @@ def _gelu(x):
 
     def gradient(*args, upstream=None):
         density = ops.exp(-0.5 * ops.square(x)) * _INV_SQRT_2PI
-        return _upstream(args, upstream) * (cdf + x * density)
+        return upstream_gradient(args, upstream) * (cdf + x * density)
 
     return x * cdf, gradient
 

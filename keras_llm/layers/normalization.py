@@ -2,6 +2,8 @@
 import keras
 from keras import ops
 
+from keras_llm.layers.activations import upstream_gradient
+
 
 def _layer_norm(x, gamma, beta, epsilon):
     """Normalizes the last axis; gradients written out (the textbook form), not traced
@@ -15,7 +17,7 @@ def _layer_norm(x, gamma, beta, epsilon):
         normalized = centered * inverse_std
 
         def gradient(*args, upstream=None):
-            upstream = args[0] if upstream is None else upstream
+            upstream = upstream_gradient(args, upstream)
             d_normalized = upstream * gamma
             d_x = inverse_std * (
                 d_normalized - ops.mean(d_normalized, axis=-1, keepdims=True)

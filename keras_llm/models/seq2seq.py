@@ -103,7 +103,7 @@ class Seq2SeqBackbone(keras.Model):
             for i in range(num_decoder_layers)]
         self.encoder_norm, self.decoder_norm = [
             LayerNormalization(epsilon=layer_norm_epsilon, dtype=self.dtype_policy,
-                                            name=name) if norm_first else None
+                               name=name) if norm_first else None
             for name in ("encoder_final_norm", "decoder_final_norm")]
         self.vocabulary_size = vocabulary_size
         self.num_layers = num_layers

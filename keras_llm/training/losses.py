@@ -13,6 +13,8 @@ kept between the passes, not a softmax.
 On the JAX and torch backends the same function runs as plain `keras.ops` (JAX compiles the
 whole training step anyway).
 """
+import functools
+
 import keras
 from keras import ops
 
@@ -32,6 +34,7 @@ def _cross_entropy_gradient(labels, logits, log_sum_exp, upstream):
     return ops.cast((probabilities - one_hot) * ops.expand_dims(upstream, -1), logits.dtype)
 
 
+@functools.cache
 def _tensorflow_cross_entropy():
     import tensorflow as tf
 
@@ -51,9 +54,6 @@ def _tensorflow_cross_entropy():
     return cross_entropy
 
 
-_fused = {}
-
-
 def token_cross_entropy(labels, logits):
     """Per-position cross-entropy of integer `labels` under `logits` (`from_logits=True`).
 
@@ -63,9 +63,7 @@ def token_cross_entropy(labels, logits):
     labels = ops.cast(labels, "int32")
     if keras.backend.backend() != "tensorflow":
         return _per_token_cross_entropy(labels, logits)[0]
-    if "tensorflow" not in _fused:
-        _fused["tensorflow"] = _tensorflow_cross_entropy()
-    return _fused["tensorflow"](labels, logits)
+    return _tensorflow_cross_entropy()(labels, logits)
 
 
 @keras.saving.register_keras_serializable(package="keras_llm")
