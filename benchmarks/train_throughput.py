@@ -181,7 +181,8 @@ def build_bert(shape):
     backbone = BertBackbone(
         vocabulary_size=shape["vocab"], num_layers=shape["layers"], num_heads=shape["heads"],
         hidden_size=shape["width"], intermediate_size=4 * shape["width"],
-        max_length=shape["seq"], dropout=0.0)
+        max_length=shape["seq"], dropout=0.0,
+        activation="gelu_tanh")  # keras-hub's BertBackbone's (and Google BERT's) GELU
     return (BertMaskedLM(backbone), lambda ids: masked_lm_step(ids, with_segments=True),
             masked_lm_flops)
 

@@ -757,7 +757,11 @@ def write_version(plan, output, version=None, validate=True, record=None, where=
     # directory is invisible to them until the rename publishes it whole.
     staging = tempfile.mkdtemp(dir=output, prefix=f".export-{version}-")
     try:
-        tf.saved_model.save(plan.module, staging, signatures=plan.signatures)
+        # Serving never differentiates: without the layers' custom gradients the graph
+        # holds no training-only functions (their XLA-compiled kernels among them).
+        tf.saved_model.save(plan.module, staging, signatures=plan.signatures,
+                            options=tf.saved_model.SaveOptions(
+                                experimental_custom_gradients=False))
         write_warmup_requests(staging, model_name, plan.warmup)
         if record is not None:
             write_json(os.path.join(staging, ASSETS_EXTRA, METADATA_FILE), record(version))

@@ -18,6 +18,8 @@ import functools
 import keras
 from keras import ops
 
+from keras_llm.fusion import fused
+
 
 def _per_token_cross_entropy(labels, logits):
     """`log(sum(exp(logits))) - logits[label]` per position, and the log-sum-exp."""
@@ -38,9 +40,7 @@ def _cross_entropy_gradient(labels, logits, log_sum_exp, upstream):
 def _tensorflow_cross_entropy():
     import tensorflow as tf
 
-    # One trace (and XLA program) per logits shape: XLA compiles static shapes anyway.
-    forward = tf.function(_per_token_cross_entropy, jit_compile=True, autograph=False)
-    backward = tf.function(_cross_entropy_gradient, jit_compile=True, autograph=False)
+    forward, backward = fused(_per_token_cross_entropy), fused(_cross_entropy_gradient)
 
     @tf.custom_gradient
     def cross_entropy(labels, logits):

@@ -33,7 +33,7 @@ def test_optimizer_clips_and_skips_decay_on_norms_and_biases():
     assert np.isclose(optimizer.weight_decay, 0.1)
 
 
-def _train(optimizer_class, steps=6):
+def _train(optimizer_class, steps=6, **optimizer_arguments):
     """A few steps of a small GPT with the product's schedule, decay and clipping."""
     import keras
 
@@ -43,7 +43,7 @@ def _train(optimizer_class, steps=6):
     config = TrainConfig(learning_rate=1e-2, warmup_steps=2, weight_decay=0.1, clip_norm=0.5)
     optimizer = optimizer_class(learning_rate=learning_rate_schedule(config, steps),
                                 weight_decay=config.weight_decay, beta_2=config.beta_2,
-                                global_clipnorm=config.clip_norm)
+                                global_clipnorm=config.clip_norm, **optimizer_arguments)
     optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
     keras.utils.set_random_seed(5)
     model = GPTCausalLM(GPTBackbone(vocabulary_size=50, num_layers=1, num_heads=2,
@@ -75,3 +75,43 @@ def test_fused_adamw_follows_keras_adamw_step_for_step():
         np.testing.assert_allclose(np.asarray(value), np.asarray(expected), rtol=1e-3,
                                    atol=1e-6)
     assert losses[-1] < losses[0]
+
+
+def test_fused_update_runs_on_tensorflow_and_keras_update_where_it_cannot(monkeypatch):
+    import keras
+
+    from keras_llm.training import optim
+
+    calls = []
+    fused_update = optim._fused_adamw_update
+    monkeypatch.setattr(optim, "_fused_adamw_update",
+                        lambda *args: calls.append(1) or fused_update(*args))
+    _train(optim.AdamW, steps=2)
+    assert calls  # traced into the training step
+    calls.clear()
+    # Keras' gradient accumulation keeps Keras' update, and still equals Keras' optimizer.
+    losses, weights, _ = _train(optim.AdamW, steps=4, gradient_accumulation_steps=2)
+    assert not calls
+    expected_losses, expected_weights, _ = _train(keras.optimizers.AdamW, steps=4,
+                                                  gradient_accumulation_steps=2)
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+    for value, expected in zip(weights, expected_weights):
+        np.testing.assert_allclose(value, expected, rtol=1e-3, atol=2e-5)
+
+
+def test_fused_update_clips_like_keras_and_propagates_a_non_finite_norm():
+    import keras
+
+    from keras_llm.training.optim import AdamW
+
+    def step(optimizer_class, gradient):
+        variable = keras.Variable(np.ones((3,), "float32"))
+        optimizer = optimizer_class(learning_rate=0.1, weight_decay=0.5, global_clipnorm=1.0)
+        optimizer.apply([keras.ops.convert_to_tensor(gradient)], [variable])
+        return np.asarray(variable)
+
+    for gradient in ([3.0, 4.0, 0.0], [0.3, 0.4, 0.0]):  # norm 5 (clipped) and 0.5 (not)
+        gradient = np.array(gradient, "float32")
+        np.testing.assert_allclose(step(AdamW, gradient),
+                                   step(keras.optimizers.AdamW, gradient), rtol=1e-6)
+    assert np.isnan(step(AdamW, np.array([np.inf, 0.0, 0.0], "float32"))).all()
