@@ -10,10 +10,11 @@ per feed-forward layer and step. Writing the derivative out needs about half as 
     gelu(x)      = x Phi(x),   d/dx = Phi(x) + x exp(-x^2 / 2) / sqrt(2 pi)
 
 The gradient is one fused function of `x` and the upstream gradient (`keras_llm.fusion`:
-one XLA loop on TensorFlow, about 2.5 ms less per gpt-tiny feed-forward layer and step on 2
-CPU cores); it recomputes the sigmoid or CDF from `x` instead of keeping the forward pass's,
-which also frees that tensor. The forward pass stays plain `keras.ops` (it is what exported
-models run). On the torch backend (no `keras.ops.custom_gradient`) Keras' own GELU is used.
+one XLA loop on TensorFlow; forward + backward of a gpt-tiny feed-forward activation goes
+from 5.5 to 3.1 ms in isolation on 2 CPU cores). It recomputes the sigmoid or CDF from `x`
+instead of keeping the forward pass's, which also frees that tensor. The forward pass stays
+plain `keras.ops` (it is what exported models run). On the torch backend (no
+`keras.ops.custom_gradient`) Keras' own GELU is used.
 """
 import math
 
