@@ -9,7 +9,7 @@ clipping), no metrics (keras-hub's tasks add an accuracy metric unless
 `weighted_metrics=[]`; every step's logs are checked to hold only the loss), the same
 `jit_compile` and dtype policy, the same random token batches. Each side trains with its
 library's own training recipe (`RECIPES`): ours as `keras-llm pretrain` does (the fused
-`TokenCrossEntropy` loss and keras-llm's `AdamW`, whose update is one kernel per variable
+`TokenCrossEntropy` loss and keras-llm's `AdamW`, whose whole update is one XLA program
 on TensorFlow), keras-hub's with Keras' `SparseCategoricalCrossentropy(from_logits=True)`
 (its tasks' default loss) and `keras.optimizers.AdamW`. The `gpt_keras_recipe` and
 `bert_keras_recipe` rows train our models with Keras' recipe: the models alone, like for

@@ -35,6 +35,19 @@ def upstream_gradient(args, upstream):
     return args[0] if upstream is None else upstream
 
 
+def _gated(gate, gradient_of):
+    """`x * gate(x)`, differentiated by `gradient_of(x, upstream)`."""
+
+    @ops.custom_gradient
+    def activation(x):
+        def gradient(*args, upstream=None):
+            return gradient_of(x, upstream_gradient(args, upstream))
+
+        return x * gate(x), gradient
+
+    return activation
+
+
 def _gelu_tanh_sigmoid(x):
     return ops.sigmoid(x * (_TANH_LINEAR + _TANH_CUBIC * ops.square(x)))
 
@@ -47,14 +60,6 @@ def _gelu_tanh_gradient(x, upstream):
     return upstream * (s + (y - y * s) * slope)
 
 
-@ops.custom_gradient
-def _gelu_tanh(x):
-    def gradient(*args, upstream=None):
-        return _gelu_tanh_gradient(x, upstream_gradient(args, upstream))
-
-    return x * _gelu_tanh_sigmoid(x), gradient
-
-
 def _gelu_cdf(x):
     return 0.5 + 0.5 * ops.erf(x * _INV_SQRT_2)
 
@@ -65,12 +70,8 @@ def _gelu_gradient(x, upstream):
     return upstream * (_gelu_cdf(x) + x * density)
 
 
-@ops.custom_gradient
-def _gelu(x):
-    def gradient(*args, upstream=None):
-        return _gelu_gradient(x, upstream_gradient(args, upstream))
-
-    return x * _gelu_cdf(x), gradient
+_gelu_tanh = _gated(_gelu_tanh_sigmoid, _gelu_tanh_gradient)
+_gelu = _gated(_gelu_cdf, _gelu_gradient)
 
 
 def gelu_tanh(x):
