@@ -47,9 +47,9 @@ class ModelConfig:
     dropout: float = 0.0
     activation: str = "gelu"
     norm_first: bool = True
-    position: str = "learned"
+    position: str = "learned"  # or "sinusoidal", "rotary" (RoPE in attention, no table)
     layer_norm_epsilon: float = 1e-5
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True  # output projection = the token embedding's transpose
     # Encoder families (keras_llm/models/{bert,electra,seq2seq}.py); None = derived default.
     embedding_size: typing.Optional[int] = None  # None: hidden_size (ELECTRA-small: 128)
     generator_hidden_size: typing.Optional[int] = None  # ELECTRA; None: hidden_size // 4
@@ -60,7 +60,8 @@ class ModelConfig:
 
     def validate(self, where):
         _check_choice(where, "model.family", self.family, MODEL_FAMILIES)
-        _check_choice(where, "model.position", self.position, ("learned", "sinusoidal"))
+        _check_choice(where, "model.position", self.position,
+                      ("learned", "sinusoidal", "rotary"))
         _check_choice(where, "model.activation", self.activation, ("gelu", "gelu_tanh", "relu"))
         for key in ("vocab_size", "max_length", "hidden_size", "num_layers", "num_heads",
                     "intermediate_size"):
@@ -120,6 +121,8 @@ class TrainConfig:
     learning_rate: float = 1e-3
     min_learning_rate_ratio: float = 0.1
     warmup_steps: int = 100
+    schedule: str = "cosine"  # after warmup: "cosine" decay, or "wsd" (constant, then linear)
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps that decays
     weight_decay: float = 0.1
     beta_2: float = 0.99
     clip_norm: float = 1.0
@@ -151,6 +154,10 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise ConfigError(f"{where}: train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check_fraction(where, "train.min_learning_rate_ratio", self.min_learning_rate_ratio)
+        _check_choice(where, "train.schedule", self.schedule, ("cosine", "wsd"))
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(
+                f"{where}: train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         _check_fraction(where, "train.beta_2", self.beta_2)
         if self.weight_decay < 0 or self.clip_norm < 0:
             raise ConfigError(f"{where}: train.weight_decay and train.clip_norm must be >= 0")

@@ -216,12 +216,11 @@ def test_check_outputs_refuses_a_mismatch():
 # ---------------------------------------------------------------------------- a real GPT
 
 
-@pytest.fixture(scope="module")
-def gpt_artifact(tmp_path_factory):
+def train_tiny_gpt(root, **overrides):
+    """A 3-step `pretrain` of a one-block GPT on random words; returns the artifact path."""
     from keras_llm.config import load_config
     from keras_llm.training.pretrain import pretrain
 
-    root = tmp_path_factory.mktemp("export")
     rng = np.random.default_rng(0)
     words = WORDS.split()
     corpus = root / "corpus.jsonl"
@@ -231,9 +230,14 @@ def gpt_artifact(tmp_path_factory):
         "train.steps": 3, "model.num_layers": 1, "model.hidden_size": 32,
         "model.num_heads": 2, "model.intermediate_size": 64, "model.vocab_size": 300,
         "model.max_length": 32, "data.seq_len": 32, "train.batch_size": 4,
-        "train.eval_every": 3, "train.eval_steps": 1, "data.source": str(corpus)})
+        "train.eval_every": 3, "train.eval_steps": 1, "data.source": str(corpus), **overrides})
     pretrain(config, str(root / "model"), verbose=0)
     return str(root / "model")
+
+
+@pytest.fixture(scope="module")
+def gpt_artifact(tmp_path_factory):
+    return train_tiny_gpt(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")
@@ -242,14 +246,18 @@ def gpt_export(gpt_artifact):
     return export_lib.export(gpt_artifact, base)  # validated in a subprocess
 
 
-@pytest.fixture(scope="module")
-def greedy_texts(gpt_artifact):
+def greedy_generation(artifact_dir):
     from keras_llm.artifacts import load_model_artifact
     from keras_llm.generation import TextGenerator
 
-    artifact = load_model_artifact(gpt_artifact)
+    artifact = load_model_artifact(artifact_dir)
     return [str(text) for text in TextGenerator(artifact.model, artifact.tokenizer).generate(
         PROMPTS, max_new_tokens=6, sampler="greedy")]
+
+
+@pytest.fixture(scope="module")
+def greedy_texts(gpt_artifact):
+    return greedy_generation(gpt_artifact)
 
 
 PLAIN_TF_CHECK = r"""
@@ -289,6 +297,20 @@ def test_export_reloads_without_keras_llm_and_generates(gpt_export, greedy_texts
     assert answer["greedy"] == greedy_texts
     assert answer["sampled_rows"] == len(PROMPTS)
     assert answer["warmup_records"] == 2
+
+
+@pytest.mark.slow
+def test_rotary_gpt_exports_and_generates_like_the_keras_model(tmp_path):
+    # Rotary models rotate each decoding step's query and key by its cache position inside
+    # the exported while loop; the export's own check compares its greedy text with Keras'.
+    artifact = train_tiny_gpt(tmp_path, **{"model.position": "rotary"})
+    version_dir = export_lib.export(artifact, str(tmp_path / "exports"))
+    process = subprocess.run(
+        [sys.executable, "-c", PLAIN_TF_CHECK, version_dir, json.dumps(PROMPTS)],
+        capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert json.loads(process.stdout.strip().splitlines()[-1])["greedy"] == greedy_generation(
+        artifact)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ import math
 
 import keras
 from keras import ops
+from keras_hub.layers import RotaryEmbedding
 
 from keras_llm.layers.validation import check_positive, check_rate, check_shape
 
@@ -77,16 +78,17 @@ class MultiHeadAttention(keras.layers.Layer):
 
     Self-attention when `value` is omitted, cross-attention otherwise. Built without a value
     shape (self-attention), the layer keeps one fused `query_key_value_kernel` (and bias),
-    columns `[query | key | value]`; built with one, separate query, key and value kernels. Masks are explicit: `attention_mask` is a boolean
-    `(batch, queries, keys)` tensor (True = may attend), `use_causal_mask=True` adds the
-    causal constraint. For incremental decoding pass `cache` and `cache_index` (where the
-    new tokens go); the layer then returns `(output, updated_cache)`. A cache is either a
-    `(key_cache, value_cache)` pair of `(batch, max_length, num_heads, head_dim)` tensors,
-    the form the models keep (each step is then two in-place updates inside a compiled
-    decoding loop, with no stacking), or one stacked `(batch, 2, max_length, num_heads,
-    head_dim)` tensor, keys then values (keras-hub's layout); the updated cache comes back in
-    the form it was given. For cross-attention, a `cache` without `cache_index` holds the
-    encoder's precomputed keys and values and is used as is (see `compute_key_value_cache`).
+    columns `[query | key | value]`; built with one, separate query, key and value kernels.
+    Masks are explicit: `attention_mask` is a boolean `(batch, queries, keys)` tensor (True
+    = may attend), `use_causal_mask=True` adds the causal constraint. For incremental
+    decoding pass `cache` and `cache_index` (where the new tokens go); the layer then
+    returns `(output, updated_cache)`. A cache is either a `(key_cache, value_cache)` pair
+    of `(batch, max_length, num_heads, head_dim)` tensors, the form the models keep (each
+    step is then two in-place updates inside a compiled decoding loop, with no stacking), or
+    one stacked `(batch, 2, max_length, num_heads, head_dim)` tensor, keys then values
+    (keras-hub's layout); the updated cache comes back in the form it was given. For cross-
+    attention, a `cache` without `cache_index` holds the encoder's precomputed keys and
+    values and is used as is (see `compute_key_value_cache`).
 
     Args:
         num_heads: number of attention heads.
@@ -99,6 +101,11 @@ class MultiHeadAttention(keras.layers.Layer):
         bias_initializer: initializer of the projection biases.
         output_kernel_initializer: initializer of the output projection's kernel; defaults
             to `kernel_initializer` (GPT-2 shrinks it: it writes into the residual stream).
+        rotary_max_wavelength: when set, rotary position embedding (RoPE, Su et al., 2021)
+            with this base wavelength (10,000 in the paper) rotates queries and keys by
+            their positions (`cache_index` onwards when decoding), so scores depend on
+            relative position; keras-hub's `RotaryEmbedding` does the rotation.
+            Self-attention only.
 
     Example:
 
@@ -113,7 +120,7 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def __init__(self, num_heads, key_dim, value_dim=None, output_dim=None, dropout=0.0,
                  use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
-                 output_kernel_initializer=None, **kwargs):
+                 output_kernel_initializer=None, rotary_max_wavelength=None, **kwargs):
         super().__init__(**kwargs)
         check_positive("num_heads", num_heads)
         check_positive("key_dim", key_dim)
@@ -121,6 +128,10 @@ class MultiHeadAttention(keras.layers.Layer):
             if value is not None:
                 check_positive(name, value)
         check_rate("dropout", dropout)
+        if rotary_max_wavelength is not None:
+            check_positive("rotary_max_wavelength", rotary_max_wavelength)
+            if key_dim % 2:
+                raise ValueError(f"rotary position embedding needs an even key_dim; got {key_dim}")
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.value_dim = value_dim or key_dim
@@ -132,6 +143,9 @@ class MultiHeadAttention(keras.layers.Layer):
         self.output_kernel_initializer = keras.initializers.get(
             output_kernel_initializer or kernel_initializer)
         self._dropout_layer = keras.layers.Dropout(dropout)
+        self.rotary_max_wavelength = rotary_max_wavelength
+        self._rotary = None if rotary_max_wavelength is None else RotaryEmbedding(
+            max_wavelength=rotary_max_wavelength, dtype=self.dtype_policy, name="rotary")
 
     def build(self, query_shape, value_shape=None):
         query_size = query_shape[-1]
@@ -142,6 +156,9 @@ class MultiHeadAttention(keras.layers.Layer):
         # Built for self-attention (no value shape): one (hidden, q|k|v) kernel, so the three
         # projections are one matmul with no per-step concatenation (and one optimizer slot).
         self.fused = value_shape is None
+        if self._rotary is not None and not self.fused:
+            raise ValueError("rotary position embedding is for self-attention; this layer was "
+                             "built with a separate value input (cross-attention)")
         if self.fused:
             self.query_key_value_kernel = self._kernel(
                 "query_key_value_kernel", (query_size, 2 * heads_key + heads_value))
@@ -232,9 +249,10 @@ class MultiHeadAttention(keras.layers.Layer):
             q = self._project(query, "query", self.key_dim)
             k = self._project(value, "key", self.key_dim)
             v = self._project(value, "value", self.value_dim)
-        start = 0
+        start = cache_index if cache is not None and cache_index is not None else 0
+        if self._rotary is not None:
+            q, k = self._rotary(q, start_index=start), self._rotary(k, start_index=start)
         if cache is not None and cache_index is not None:
-            start = cache_index
             key_cache, value_cache = split_cache(cache)
             k = ops.slice_update(key_cache, (0, cache_index, 0, 0), ops.cast(k, key_cache.dtype))
             v = ops.slice_update(value_cache, (0, cache_index, 0, 0),
@@ -320,5 +338,6 @@ class MultiHeadAttention(keras.layers.Layer):
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
             "output_kernel_initializer": keras.initializers.serialize(
                 self.output_kernel_initializer),
+            "rotary_max_wavelength": self.rotary_max_wavelength,
         })
         return config

@@ -102,19 +102,42 @@ class LearnedPositionEmbedding(keras.layers.Layer):
                 "initializer": keras.initializers.serialize(self.initializer)}
 
 
-POSITION_KINDS = ("learned", "sinusoidal")
+POSITION_KINDS = ("learned", "sinusoidal", "rotary")
+
+# RoPE's base wavelength (Su et al., 2021; GPT-NeoX, Llama).
+ROTARY_MAX_WAVELENGTH = 10_000
 
 
 def position_layer(kind, max_length, initializer, dtype=None, name="position_embedding"):
     """The position layer a model config names: "learned" (a `LearnedPositionEmbedding` of
-    `max_length` rows drawn from `initializer`) or "sinusoidal" (fixed, nothing to learn).
+    `max_length` rows drawn from `initializer`), "sinusoidal" (fixed, nothing to learn), or
+    None for "rotary", where attention rotates queries and keys instead (see
+    `rotary_max_wavelength`) and nothing is added to the embeddings.
 
     >>> position_layer("sinusoidal", 8, "zeros").__class__.__name__
     'SinusoidalPositionEncoding'
+    >>> position_layer("rotary", 8, "zeros") is None
+    True
     """
     if kind == "learned":
         return LearnedPositionEmbedding(max_length, initializer=initializer, dtype=dtype,
                                         name=name)
     if kind == "sinusoidal":
         return SinusoidalPositionEncoding(dtype=dtype, name=name)
+    if kind == "rotary":
+        return None
     raise ValueError(f"position must be one of {', '.join(POSITION_KINDS)}; got {kind!r}")
+
+
+def rotary_max_wavelength(kind):
+    """The attention layers' `rotary_max_wavelength` for position `kind` (None unless
+    "rotary")."""
+    return ROTARY_MAX_WAVELENGTH if kind == "rotary" else None
+
+
+def add_positions(x, layer, start_index=0):
+    """`x` (embeddings) plus `layer`'s positions from `start_index`; `x` when `layer` is None
+    (rotary models add nothing)."""
+    if layer is None:
+        return x
+    return x + ops.cast(layer(x, start_index=start_index), x.dtype)

@@ -77,7 +77,7 @@ class _TransformerBlock(keras.layers.Layer):
     def __init__(self, num_heads, intermediate_size, dropout=0.0, activation="gelu",
                  norm_first=False, layer_norm_epsilon=1e-5,
                  kernel_initializer="glorot_uniform", use_bias=True,
-                 output_kernel_initializer=None, **kwargs):
+                 output_kernel_initializer=None, rotary_max_wavelength=None, **kwargs):
         super().__init__(**kwargs)
         check_positive("num_heads", num_heads)
         check_positive("intermediate_size", intermediate_size)
@@ -93,9 +93,10 @@ class _TransformerBlock(keras.layers.Layer):
         self.use_bias = use_bias
         self.output_kernel_initializer = keras.initializers.get(
             output_kernel_initializer or kernel_initializer)
+        self.rotary_max_wavelength = rotary_max_wavelength
         self._dropout_layer = keras.layers.Dropout(dropout)
 
-    def _attention(self, hidden, name):
+    def _attention(self, hidden, name, rotary=False):
         if hidden % self.num_heads:
             raise ValueError(
                 f"hidden size {hidden} is not divisible by num_heads={self.num_heads}")
@@ -103,6 +104,7 @@ class _TransformerBlock(keras.layers.Layer):
             self.num_heads, hidden // self.num_heads, dropout=self.dropout,
             use_bias=self.use_bias, kernel_initializer=self.kernel_initializer,
             output_kernel_initializer=self.output_kernel_initializer,
+            rotary_max_wavelength=self.rotary_max_wavelength if rotary else None,
             dtype=self.dtype_policy, name=name)
 
     def _norm(self, name, input_shape):
@@ -149,7 +151,8 @@ class _TransformerBlock(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "use_bias": self.use_bias,
                 "output_kernel_initializer": keras.initializers.serialize(
-                    self.output_kernel_initializer)}
+                    self.output_kernel_initializer),
+                "rotary_max_wavelength": self.rotary_max_wavelength}
 
 
 @keras.saving.register_keras_serializable(package="keras_llm")
@@ -172,6 +175,8 @@ class TransformerEncoderBlock(_TransformerBlock):
         output_kernel_initializer: initializer of the attention and feed-forward output
             kernels, the ones that write into the residual stream; defaults to
             `kernel_initializer` (GPT-2 scales it by `1 / sqrt(2 * num_layers)`).
+        rotary_max_wavelength: RoPE's base wavelength for the self-attention layer (see
+            `MultiHeadAttention`); None (the default) for no rotation.
 
     Example:
 
@@ -186,7 +191,7 @@ class TransformerEncoderBlock(_TransformerBlock):
     """
 
     def build(self, input_shape):
-        self.self_attention = self._attention(input_shape[-1], "self_attention")
+        self.self_attention = self._attention(input_shape[-1], "self_attention", rotary=True)
         self.self_attention.build(input_shape)
         self.self_attention_norm = self._norm("self_attention_norm", input_shape)
         self._build_feedforward(input_shape)
@@ -224,6 +229,8 @@ class TransformerDecoderBlock(_TransformerBlock):
         output_kernel_initializer: initializer of the attention and feed-forward output
             kernels, the ones that write into the residual stream; defaults to
             `kernel_initializer` (GPT-2 scales it by `1 / sqrt(2 * num_layers)`).
+        rotary_max_wavelength: RoPE's base wavelength for the self-attention layer (see
+            `MultiHeadAttention`); None (the default) for no rotation.
 
     Example:
 
@@ -243,7 +250,7 @@ class TransformerDecoderBlock(_TransformerBlock):
 
     def build(self, input_shape):
         hidden = input_shape[-1]
-        self.self_attention = self._attention(hidden, "self_attention")
+        self.self_attention = self._attention(hidden, "self_attention", rotary=True)
         self.self_attention.build(input_shape)
         self.self_attention_norm = self._norm("self_attention_norm", input_shape)
         if self.cross_attention:

@@ -13,7 +13,7 @@ from keras_hub.layers import ReversibleEmbedding
 
 from keras_llm.layers import TransformerEncoderBlock
 from keras_llm.layers.normalization import LayerNormalization
-from keras_llm.layers.position import position_layer
+from keras_llm.layers.position import add_positions, position_layer, rotary_max_wavelength
 from keras_llm.layers.transformer import get_activation
 from keras_llm.models.vocabulary import check_tokenizer_matches
 
@@ -47,7 +47,10 @@ class BertBackbone(keras.Model):
         norm_first: pre-layer-norm blocks and a final norm when True; BERT is post-norm.
         layer_norm_epsilon: epsilon of the layer norms.
         special_token_ids: the tokenizer's special ids, kept to refuse a mismatched tokenizer.
-        position: "learned" (BERT) or "sinusoidal" position encoding.
+        position: "learned" (BERT), "sinusoidal" or "rotary" (RoPE in every attention
+            layer; no position table) position encoding.
+        tie_embeddings: whether the masked-LM output projection is the token embedding's
+            transpose (BERT) or a separate kernel.
 
     Example:
 
@@ -67,11 +70,11 @@ class BertBackbone(keras.Model):
     def __init__(self, vocabulary_size, num_layers, num_heads, hidden_size, intermediate_size,
                  max_length, num_segments=2, embedding_size=None, dropout=0.1,
                  activation="gelu", norm_first=False, layer_norm_epsilon=1e-12,
-                 special_token_ids=None, position="learned", **kwargs):
+                 special_token_ids=None, position="learned", tie_embeddings=True, **kwargs):
         super().__init__(**kwargs)
         embedding_size = embedding_size or hidden_size
         self.token_embedding = ReversibleEmbedding(
-            vocabulary_size, embedding_size, tie_weights=True,
+            vocabulary_size, embedding_size, tie_weights=tie_embeddings,
             embeddings_initializer=initializer(), dtype=self.dtype_policy,
             name="token_embedding")
         self.position_embedding = position_layer(position, max_length, initializer(),
@@ -89,7 +92,9 @@ class BertBackbone(keras.Model):
             TransformerEncoderBlock(
                 num_heads, intermediate_size, dropout=dropout, activation=activation,
                 norm_first=norm_first, layer_norm_epsilon=layer_norm_epsilon,
-                kernel_initializer=initializer(), dtype=self.dtype_policy, name=f"block_{i}")
+                kernel_initializer=initializer(),
+                rotary_max_wavelength=rotary_max_wavelength(position), dtype=self.dtype_policy,
+                name=f"block_{i}")
             for i in range(num_layers)
         ]
         self.final_norm = LayerNormalization(
@@ -112,6 +117,7 @@ class BertBackbone(keras.Model):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.special_token_ids = dict(special_token_ids) if special_token_ids else None
         self.position = position
+        self.tie_embeddings = tie_embeddings
 
     def build(self, input_shape):
         token_shape = tuple(input_shape["token_ids"]) if isinstance(input_shape, dict) \
@@ -119,7 +125,8 @@ class BertBackbone(keras.Model):
         embedding_shape = (*token_shape, self.embedding_size)
         hidden_shape = (*token_shape, self.hidden_size)
         self.token_embedding.build(token_shape)
-        self.position_embedding.build(embedding_shape)
+        if self.position_embedding is not None:
+            self.position_embedding.build(embedding_shape)
         if self.segment_embedding is not None:
             self.segment_embedding.build(token_shape)
         self.embedding_norm.build(embedding_shape)
@@ -134,8 +141,7 @@ class BertBackbone(keras.Model):
     def embed(self, inputs, training=None):
         """Summed, normalized (and projected) embeddings `(batch, length, hidden_size)`."""
         token_ids = inputs["token_ids"]
-        x = self.token_embedding(token_ids)
-        x = x + ops.cast(self.position_embedding(x), x.dtype)
+        x = add_positions(self.token_embedding(token_ids), self.position_embedding)
         if self.segment_embedding is not None:
             segment_ids = inputs.get("segment_ids")
             if segment_ids is None:
@@ -177,6 +183,7 @@ class BertBackbone(keras.Model):
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "special_token_ids": self.special_token_ids,
             "position": self.position,
+            "tie_embeddings": self.tie_embeddings,
         }
 
     @classmethod
@@ -196,7 +203,8 @@ class BertBackbone(keras.Model):
             embedding_size=model_config.embedding_size, dropout=model_config.dropout,
             activation=model_config.activation, norm_first=model_config.norm_first,
             layer_norm_epsilon=model_config.layer_norm_epsilon, position=model_config.position,
-            special_token_ids=special_token_ids, name=f"{model_config.family}_backbone")
+            tie_embeddings=model_config.tie_embeddings, special_token_ids=special_token_ids,
+            name=f"{model_config.family}_backbone")
         arguments.update(overrides)
         return cls(**arguments)
 

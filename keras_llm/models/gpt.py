@@ -11,7 +11,7 @@ from keras_hub.layers import ReversibleEmbedding
 from keras_llm.layers import TransformerDecoderBlock
 from keras_llm.layers.attention import empty_kv_cache
 from keras_llm.layers.normalization import LayerNormalization
-from keras_llm.layers.position import position_layer
+from keras_llm.layers.position import add_positions, position_layer, rotary_max_wavelength
 from keras_llm.layers.validation import check_positive
 
 # GPT-2 (and nanoGPT) draw every kernel and embedding from N(0, 0.02); the kernels that
@@ -38,10 +38,13 @@ class GPTBackbone(keras.Model):
         dropout: dropout rate in embeddings and blocks.
         activation: feed-forward activation; GPT-2 uses "gelu_tanh".
         norm_first: pre-layer-norm blocks plus a final norm (GPT-2) when True.
-        position: "learned" (GPT-2) or "sinusoidal" position encoding.
+        position: "learned" (GPT-2), "sinusoidal" or "rotary" (RoPE in every attention
+            layer, as GPT-NeoX and Llama; no position table) position encoding.
         layer_norm_epsilon: epsilon of the layer norms.
         use_bias: biases in the projections and layer norms (GPT-2); nanoGPT trains without
             them by default (`bias=False`: slightly better and faster).
+        tie_embeddings: whether the output projection is the token embedding's transpose
+            (True: GPT-2, BERT) or a separate `(hidden, vocabulary)` kernel.
 
     Weights start as GPT-2's and nanoGPT's: kernels and embeddings from N(0, 0.02), the
     attention and feed-forward output kernels from N(0, 0.02 / sqrt(2 * num_layers)),
@@ -60,7 +63,8 @@ class GPTBackbone(keras.Model):
 
     def __init__(self, vocabulary_size, num_layers, num_heads, hidden_size, intermediate_size,
                  max_length, dropout=0.0, activation="gelu_tanh", norm_first=True,
-                 position="learned", layer_norm_epsilon=1e-5, use_bias=True, **kwargs):
+                 position="learned", layer_norm_epsilon=1e-5, use_bias=True, tie_embeddings=True,
+                 **kwargs):
         super().__init__(**kwargs)
         for name, value in (("vocabulary_size", vocabulary_size), ("num_layers", num_layers),
                             ("num_heads", num_heads), ("hidden_size", hidden_size),
@@ -74,7 +78,7 @@ class GPTBackbone(keras.Model):
         residual_initializer = keras.initializers.RandomNormal(
             stddev=residual_initializer_stddev(num_layers))
         self.token_embedding = ReversibleEmbedding(
-            vocabulary_size, hidden_size, tie_weights=True,
+            vocabulary_size, hidden_size, tie_weights=tie_embeddings,
             embeddings_initializer=initializer, dtype=self.dtype_policy, name="token_embedding")
         self.position_embedding = position_layer(position, max_length, initializer,
                                                  dtype=self.dtype_policy)
@@ -84,7 +88,8 @@ class GPTBackbone(keras.Model):
                 num_heads, intermediate_size, dropout=dropout, activation=activation,
                 norm_first=norm_first, layer_norm_epsilon=layer_norm_epsilon,
                 kernel_initializer=initializer, use_bias=use_bias,
-                output_kernel_initializer=residual_initializer, dtype=self.dtype_policy,
+                output_kernel_initializer=residual_initializer,
+                rotary_max_wavelength=rotary_max_wavelength(position), dtype=self.dtype_policy,
                 name=f"block_{i}")
             for i in range(num_layers)
         ]
@@ -103,19 +108,20 @@ class GPTBackbone(keras.Model):
         self.position = position
         self.layer_norm_epsilon = layer_norm_epsilon
         self.use_bias = use_bias
+        self.tie_embeddings = tie_embeddings
 
     def build(self, input_shape):
         hidden_shape = (*input_shape, self.hidden_size)
         self.token_embedding.build(input_shape)
-        self.position_embedding.build(hidden_shape)
+        if self.position_embedding is not None:
+            self.position_embedding.build(hidden_shape)
         for block in self.blocks:
             block.build(hidden_shape)
         if self.final_norm is not None:
             self.final_norm.build(hidden_shape)
 
     def _embed(self, token_ids, start_index=0, training=None):
-        x = self.token_embedding(token_ids)
-        x = x + ops.cast(self.position_embedding(x, start_index=start_index), x.dtype)
+        x = add_positions(self.token_embedding(token_ids), self.position_embedding, start_index)
         return self.embedding_dropout(x, training=training)
 
     def _finish(self, x):
@@ -147,7 +153,7 @@ class GPTBackbone(keras.Model):
                               self.hidden_size // self.num_heads, self.compute_dtype)
 
     def logits(self, hidden):
-        """Output projection tied to the token embedding."""
+        """Output projection: the token embedding's transpose (or, untied, its own kernel)."""
         return self.token_embedding(hidden, reverse=True)
 
     def get_config(self):
@@ -165,6 +171,7 @@ class GPTBackbone(keras.Model):
             "position": self.position,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "use_bias": self.use_bias,
+            "tie_embeddings": self.tie_embeddings,
         }
 
     @classmethod
@@ -180,6 +187,7 @@ class GPTBackbone(keras.Model):
             activation=model_config.activation, norm_first=model_config.norm_first,
             position=model_config.position,
             layer_norm_epsilon=model_config.layer_norm_epsilon,
+            tie_embeddings=model_config.tie_embeddings,
             **{"name": "gpt_backbone", **overrides})
 
 

@@ -17,7 +17,7 @@ from keras_llm.errors import ArtifactError
 from keras_llm.layers import TransformerDecoderBlock, TransformerEncoderBlock
 from keras_llm.layers.attention import empty_kv_cache
 from keras_llm.layers.normalization import LayerNormalization
-from keras_llm.layers.position import position_layer
+from keras_llm.layers.position import add_positions, position_layer, rotary_max_wavelength
 from keras_llm.models.vocabulary import check_tokenizer_matches
 
 INITIALIZER_STDDEV = 0.02
@@ -43,13 +43,16 @@ class Seq2SeqBackbone(keras.Model):
         dropout: dropout rate in embeddings and blocks.
         activation: feed-forward activation ("relu" in the paper, "gelu" in BART).
         norm_first: pre-layer-norm blocks plus final norms when True; the paper is post-norm.
-        position: "learned" (BART) or "sinusoidal" (the paper) position encoding.
+        position: "learned" (BART), "sinusoidal" (the paper) or "rotary" (RoPE in the
+            self-attention layers; cross-attention has none) position encoding.
         layer_norm_epsilon: epsilon of the layer norms.
         special_token_ids: the tokenizer's special ids, kept to refuse a mismatched tokenizer.
         target_vocabulary_size: `None` shares the source vocabulary and embedding with the
             decoder; a number gives the decoder its own embedding of that many target ids,
             tied to the output projection.
         target_special_token_ids: the target tokenizer's special ids (separate vocabularies).
+        tie_embeddings: whether the output projection is the decoder embedding's transpose
+            (BART, T5 v1.0) or a separate kernel.
 
     Example:
 
@@ -76,16 +79,16 @@ class Seq2SeqBackbone(keras.Model):
                  max_length, num_decoder_layers=None, dropout=0.1, activation="gelu",
                  norm_first=False, position="learned", layer_norm_epsilon=1e-5,
                  special_token_ids=None, target_vocabulary_size=None,
-                 target_special_token_ids=None, **kwargs):
+                 target_special_token_ids=None, tie_embeddings=True, **kwargs):
         super().__init__(**kwargs)
         initializer = keras.initializers.TruncatedNormal(stddev=INITIALIZER_STDDEV)
         num_decoder_layers = num_decoder_layers or num_layers
         self.token_embedding = ReversibleEmbedding(
-            vocabulary_size, hidden_size, tie_weights=True,
+            vocabulary_size, hidden_size, tie_weights=tie_embeddings,
             embeddings_initializer=initializer, dtype=self.dtype_policy, name="token_embedding")
         # Named apart so a shared-vocabulary model keeps its weight paths (old artifacts load).
         self.target_token_embedding = None if target_vocabulary_size is None else (
-            ReversibleEmbedding(target_vocabulary_size, hidden_size, tie_weights=True,
+            ReversibleEmbedding(target_vocabulary_size, hidden_size, tie_weights=tie_embeddings,
                                 embeddings_initializer=initializer, dtype=self.dtype_policy,
                                 name="target_token_embedding"))
         self.encoder_position = self._position(position, max_length, "encoder_position")
@@ -93,7 +96,9 @@ class Seq2SeqBackbone(keras.Model):
         self.embedding_dropout = keras.layers.Dropout(dropout)
         block_options = dict(dropout=dropout, activation=activation, norm_first=norm_first,
                              layer_norm_epsilon=layer_norm_epsilon,
-                             kernel_initializer=initializer, dtype=self.dtype_policy)
+                             kernel_initializer=initializer,
+                             rotary_max_wavelength=rotary_max_wavelength(position),
+                             dtype=self.dtype_policy)
         self.encoder_blocks = [
             TransformerEncoderBlock(num_heads, intermediate_size, name=f"encoder_block_{i}",
                                     **block_options) for i in range(num_layers)]
@@ -116,6 +121,7 @@ class Seq2SeqBackbone(keras.Model):
         self.activation = activation
         self.norm_first = norm_first
         self.position = position
+        self.tie_embeddings = tie_embeddings
         self.layer_norm_epsilon = layer_norm_epsilon
         self.special_token_ids = dict(special_token_ids) if special_token_ids else None
         self.target_vocabulary_size = target_vocabulary_size
@@ -149,8 +155,7 @@ class Seq2SeqBackbone(keras.Model):
                 layer.build(hidden_shape)
 
     def _embed(self, token_ids, embedding, position, start_index=0, training=None):
-        x = embedding(token_ids)
-        x = x + ops.cast(position(x, start_index=start_index), x.dtype)
+        x = add_positions(embedding(token_ids), position, start_index)
         return self.embedding_dropout(x, training=training)
 
     def encode(self, token_ids, padding_mask=None, training=None):
@@ -246,6 +251,7 @@ class Seq2SeqBackbone(keras.Model):
             "special_token_ids": self.special_token_ids,
             "target_vocabulary_size": self.target_vocabulary_size,
             "target_special_token_ids": self.target_special_token_ids,
+            "tie_embeddings": self.tie_embeddings,
         }
 
     @classmethod
@@ -264,7 +270,8 @@ class Seq2SeqBackbone(keras.Model):
             max_length=model_config.max_length, dropout=model_config.dropout,
             activation=model_config.activation, norm_first=model_config.norm_first,
             position=model_config.position, layer_norm_epsilon=model_config.layer_norm_epsilon,
-            special_token_ids=special_token_ids, name="seq2seq_backbone")
+            tie_embeddings=model_config.tie_embeddings, special_token_ids=special_token_ids,
+            name="seq2seq_backbone")
 
 
 @keras.saving.register_keras_serializable(package="keras_llm")

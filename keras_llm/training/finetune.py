@@ -182,8 +182,8 @@ def backbone_of(model):
 def layer_groups(backbone):
     """(embedding layers, blocks from input to output) of a backbone."""
     if hasattr(backbone, "encoder_blocks"):  # Seq2SeqBackbone
-        return ([backbone.token_embedding, backbone.encoder_position,
-                 backbone.decoder_position]
+        positions = [backbone.encoder_position, backbone.decoder_position]
+        return ([backbone.token_embedding] + [p for p in positions if p is not None]
                 + ([] if backbone.shared_vocabulary else [backbone.target_token_embedding]),
                 list(backbone.encoder_blocks) + list(backbone.decoder_blocks))
     names = ("token_embedding", "position_embedding", "segment_embedding", "embedding_norm",

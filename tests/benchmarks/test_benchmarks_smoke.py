@@ -41,6 +41,20 @@ def test_shakespeare_char_quick(tmp_path):
     assert 0.5 < record["val_loss"] < 5.0 and 0.5 < record["full_val_loss"] < 5.0
     assert record["target_val_loss"] == 1.88
     assert "val loss (20 batches)" in result.stdout
+    # Rotary and learned positions side by side; the headline figures are rotary's.
+    assert list(record["by_position"]) == ["rotary", "learned"]
+    assert [r["position"] for r in record["runs"]] == ["rotary", "learned"]
+    assert record["val_loss"] == record["by_position"]["rotary"]["val_loss"]
+    assert record["by_position"]["learned"]["parameters"] == (
+        record["by_position"]["rotary"]["parameters"] + 64 * 128)  # the position table
+
+
+def test_shakespeare_char_unknown_position_is_one_line(tmp_path):
+    result = run_script("shakespeare_char.py", "--quick", "--positions", "rotary,alibi",
+                        "--results-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --positions: unknown position encoding 'alibi' (rotary, learned, sinusoidal)")
 
 
 def test_shakespeare_char_missing_data_is_one_line(tmp_path):

@@ -270,3 +270,84 @@ def test_broadcast_mask_is_accepted_and_wrong_cache_shape_is_named():
     with pytest.raises(ValueError, match="cache must have shape"):
         layer(x[:, :1], cache=ops.zeros((BATCH, 2, LENGTH, HEADS + 1, HEAD_DIM)),
               cache_index=0)
+
+
+def rotary_reference(x, layer, wavelength, start=0):
+    """NumPy causal self-attention with RoPE (Su et al. 2021, the GPT-NeoX half-split
+    layout): each query and key pair `(x_i, x_{i + d/2})` turns by `position * wavelength **
+    (-2i / d)`."""
+    kernel = ops.convert_to_numpy(layer.query_key_value_kernel)
+    bias = ops.convert_to_numpy(layer.query_key_value_bias)
+    q, k, v = np.split(x @ kernel + bias, 3, axis=-1)
+    q, k, v = (np.reshape(t, (BATCH, -1, HEADS, HEAD_DIM)) for t in (q, k, v))
+    length, half = q.shape[1], HEAD_DIM // 2
+    angles = (start + np.arange(length))[:, None] * wavelength ** (-np.arange(half) * 2 / HEAD_DIM)
+    cos, sin = np.cos(angles)[None, :, None, :], np.sin(angles)[None, :, None, :]
+
+    def rotate(t):
+        first, second = t[..., :half], t[..., half:]
+        return np.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
+
+    scores = np.einsum("btnh,bsnh->bnts", rotate(q), rotate(k)) / np.sqrt(HEAD_DIM)
+    scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    heads = np.einsum("bnts,bsnh->btnh", probs, v).reshape(BATCH, length, HEADS * HEAD_DIM)
+    return heads @ ops.convert_to_numpy(layer.output_kernel) + ops.convert_to_numpy(
+        layer.output_bias)
+
+
+def rotary_layer(wavelength=10_000, seed=0):
+    layer = MultiHeadAttention(HEADS, HEAD_DIM, rotary_max_wavelength=wavelength)
+    layer.build((BATCH, LENGTH, HIDDEN))
+    randomize(layer, seed)
+    return layer
+
+
+@pytest.mark.parametrize("wavelength", [10_000, 100])
+def test_rotary_self_attention_matches_reference(wavelength):
+    layer = rotary_layer(wavelength)
+    x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
+    expected = rotary_reference(x, layer, wavelength)
+    assert_close(layer(x, use_causal_mask=True), expected, tolerance=1e-4)
+    # The same weights without the rotation give another result: positions matter.
+    plain = MultiHeadAttention(HEADS, HEAD_DIM)
+    plain.build((BATCH, LENGTH, HIDDEN))
+    for ours, theirs in zip(plain.weights, layer.weights):
+        ours.assign(theirs)
+    assert np.abs(ops.convert_to_numpy(plain(x, use_causal_mask=True)) - expected).max() > 1e-2
+
+
+@pytest.mark.parametrize("prefill", [1, 3])
+def test_rotary_cached_decoding_equals_causal_forward_pass(prefill):
+    # Each decoding step rotates its query and key by cache_index, not by 0.
+    layer = rotary_layer()
+    x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
+    decoded, _ = decode_token_by_token(layer, x, cache_length=LENGTH + 2, prefill=prefill,
+                                       pair=True)
+    assert_close(decoded, layer(x, use_causal_mask=True), tolerance=1e-4)
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    # Placing the whole sequence 3 slots later in the cache (earlier slots masked out) turns
+    # every query and key by the same extra angle: their dot products, and the output, stay.
+    layer = rotary_layer()
+    x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
+    cache = (ops.zeros((BATCH, LENGTH + 3, HEADS, HEAD_DIM)),) * 2
+    visible = np.broadcast_to(np.arange(LENGTH + 3) >= 3, (BATCH, LENGTH, LENGTH + 3))
+    shifted, _ = layer(x, attention_mask=visible, use_causal_mask=True, cache=cache,
+                       cache_index=3)
+    assert_close(shifted, layer(x, use_causal_mask=True), tolerance=1e-4)
+
+
+def test_rotary_config_round_trip_and_errors():
+    layer = MultiHeadAttention(HEADS, HEAD_DIM, rotary_max_wavelength=500)
+    restored = MultiHeadAttention.from_config(layer.get_config())
+    assert restored.rotary_max_wavelength == 500
+    with pytest.raises(ValueError, match="even key_dim"):
+        MultiHeadAttention(HEADS, 3, rotary_max_wavelength=10_000)
+    with pytest.raises(ValueError, match="rotary_max_wavelength"):
+        MultiHeadAttention(HEADS, HEAD_DIM, rotary_max_wavelength=0)
+    with pytest.raises(ValueError, match="self-attention"):
+        layer(random_normal((BATCH, LENGTH, HIDDEN)),
+              random_normal((BATCH, SOURCE_LENGTH, HIDDEN)))

@@ -77,18 +77,27 @@ def test_segment_ids_matter_for_bert_and_not_for_roberta():
     np.testing.assert_allclose(roberta(x)["sequence_output"], roberta(other)["sequence_output"])
 
 
+def masked_lm_logits_by_hand(model, x, output_kernel):
+    head = model.masked_lm_head
+    sequence = ops.convert_to_numpy(model.backbone(x)["sequence_output"])
+    gathered = np.take_along_axis(sequence, x["mask_positions"][..., None], axis=1)
+    hidden = head.norm(keras.activations.gelu(head.transform(gathered), approximate=False))
+    return ops.convert_to_numpy(hidden) @ output_kernel + ops.convert_to_numpy(head.output_bias)
+
+
 def test_masked_lm_logits_are_tied_to_the_token_embedding():
     model = BertMaskedLM(make_backbone())
     x = inputs()
     logits = ops.convert_to_numpy(model(x))
     assert logits.shape == (BATCH, PREDICTIONS, VOCABULARY)
-    head = model.masked_lm_head
-    sequence = ops.convert_to_numpy(model.backbone(x)["sequence_output"])
-    gathered = np.take_along_axis(sequence, x["mask_positions"][..., None], axis=1)
-    hidden = head.norm(keras.activations.gelu(head.transform(gathered), approximate=False))
     embeddings = ops.convert_to_numpy(model.backbone.token_embedding.embeddings)
-    expected = ops.convert_to_numpy(hidden) @ embeddings.T + ops.convert_to_numpy(head.output_bias)
-    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    np.testing.assert_allclose(logits, masked_lm_logits_by_hand(model, x, embeddings.T),
+                               atol=1e-4)
+    untied = BertMaskedLM(make_backbone(tie_embeddings=False))
+    logits = ops.convert_to_numpy(untied(x))
+    kernel = ops.convert_to_numpy(untied.backbone.token_embedding.reverse_embeddings)
+    np.testing.assert_allclose(logits, masked_lm_logits_by_hand(untied, x, kernel), atol=1e-4)
+    assert untied.count_params() == model.count_params() + 16 * VOCABULARY
 
 
 def test_next_sentence_head_and_training_lower_the_loss():
@@ -129,22 +138,38 @@ def test_from_model_config_roberta_has_no_segments():
     assert BertBackbone.from_model_config(ModelConfig(family="bert")).num_segments == 2
 
 
-def test_position_encoding_follows_the_config(tmp_path):
+@pytest.mark.parametrize("position", ["sinusoidal", "rotary"])
+def test_position_encoding_follows_the_config(tmp_path, position):
     config = ModelConfig(family="bert", vocab_size=VOCABULARY, hidden_size=16, num_heads=2,
                          intermediate_size=32, num_layers=1, max_length=LENGTH,
-                         position="sinusoidal")
+                         position=position)
     backbone = BertBackbone.from_model_config(config)
-    backbone(inputs())
-    assert backbone.position == "sinusoidal"
+    x = inputs()
+    backbone(x)
+    # Large random weights: at BERT's initialization, attention is nearly uniform.
+    rng = np.random.default_rng(0)
+    for weight in backbone.weights:
+        weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.3)
+    outputs = ops.convert_to_numpy(backbone(x)["sequence_output"])
+    assert backbone.position == position
     assert not [v for v in backbone.weights if "position" in v.path]  # nothing to learn
+    # Without position information an encoder is permutation-equivariant: swapping two
+    # tokens would only swap their outputs.
+    swapped = {k: v.copy() for k, v in x.items()}
+    swapped["token_ids"][:, [1, 2]] = x["token_ids"][:, [2, 1]]
+    swapped_outputs = ops.convert_to_numpy(backbone(swapped)["sequence_output"])
+    assert np.abs(swapped_outputs[:, [2, 1]] - outputs[:, [1, 2]]).max() > 1e-3
     model = BertMaskedLM(backbone)
-    expected = ops.convert_to_numpy(model(inputs()))
-    model.save(tmp_path / "sinusoidal.keras")
-    restored = keras.saving.load_model(tmp_path / "sinusoidal.keras")
-    assert restored.backbone.position == "sinusoidal"
-    np.testing.assert_allclose(ops.convert_to_numpy(restored(inputs())), expected, atol=1e-6)
-    with pytest.raises(ValueError, match="position must be one of learned, sinusoidal"):
-        make_backbone(position="rotary")
+    expected = ops.convert_to_numpy(model(x))
+    model.save(tmp_path / "model.keras")
+    restored = keras.saving.load_model(tmp_path / "model.keras")
+    assert restored.backbone.position == position
+    np.testing.assert_allclose(ops.convert_to_numpy(restored(x)), expected, atol=1e-6)
+
+
+def test_unknown_position_encoding_is_refused():
+    with pytest.raises(ValueError, match="position must be one of learned, sinusoidal, rotary"):
+        make_backbone(position="alibi")
 
 
 def test_a_mismatched_tokenizer_is_refused():

@@ -1,4 +1,5 @@
 """GPT backbone and causal LM: cached decoding, greedy generation, config, saving, errors."""
+import dataclasses
 import doctest
 
 import keras
@@ -37,6 +38,7 @@ def assert_close(actual, expected, tolerance=1e-5):
     {},
     {"norm_first": False, "position": "sinusoidal", "activation": "relu"},
     {"use_bias": False},
+    {"position": "rotary"},
 ])
 def test_call_with_cache_equals_full_forward_pass(overrides):
     model = make_lm(**overrides)
@@ -65,6 +67,24 @@ def test_logits_are_tied_to_the_token_embedding():
     expected = ops.convert_to_numpy(model.backbone(ids)) @ embeddings.T
     assert_close(model(ids), expected, tolerance=1e-4)
     assert ops.shape(model(ids)) == (BATCH, LENGTH, VOCABULARY)
+
+
+def test_untied_output_projection_has_its_own_kernel():
+    config = ModelConfig(vocab_size=VOCABULARY, max_length=LENGTH, hidden_size=16, num_layers=1,
+                         num_heads=2, intermediate_size=32, tie_embeddings=False)
+    untied = GPTCausalLM(GPTBackbone.from_model_config(config))
+    ids = token_ids()
+    logits = untied(ids)
+    embedding = untied.backbone.token_embedding
+    kernel = ops.convert_to_numpy(embedding.reverse_embeddings)  # (hidden, vocabulary)
+    assert kernel.shape == (16, VOCABULARY)
+    assert_close(logits, ops.convert_to_numpy(untied.backbone(ids)) @ kernel, tolerance=1e-4)
+    tied = GPTCausalLM(GPTBackbone.from_model_config(
+        dataclasses.replace(config, tie_embeddings=True)))
+    tied(ids)
+    assert untied.count_params() == tied.count_params() + 16 * VOCABULARY
+    restored = GPTBackbone.from_config(untied.backbone.get_config())
+    assert restored.tie_embeddings is False
 
 
 def test_greedy_generate_step_equals_repeated_full_passes():
@@ -165,7 +185,7 @@ def test_docstring_examples_run():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"position": "rotary"}, "position"),
+    ({"position": "alibi"}, "position"),
     ({"hidden_size": 10, "num_heads": 3}, "hidden_size must be divisible by num_heads"),
     ({"vocabulary_size": 0}, "vocabulary_size"),
     ({"num_layers": -1}, "num_layers"),
@@ -187,11 +207,12 @@ def test_sequence_longer_than_max_length_is_rejected():
 
 
 @pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="compiles with tf.function")
-def test_compiled_decoding_step_with_tensor_cache_index():
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_compiled_decoding_step_with_tensor_cache_index(position):
     # Generation compiles the step: shapes turn symbolic and cache_index becomes a tensor.
     import tensorflow as tf
 
-    model = make_lm()
+    model = make_lm(position=position)
     ids = token_ids()
     step = tf.function(model.call_with_cache)
     cache = model.backbone.empty_cache(BATCH, LENGTH)

@@ -45,7 +45,8 @@ def assert_close(actual, expected, tolerance=1e-5):
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, {"norm_first": True, "position": "sinusoidal", "activation": "relu"}])
+    {}, {"norm_first": True, "position": "sinusoidal", "activation": "relu"},
+    {"position": "rotary"}])
 def test_call_with_cache_equals_full_forward_pass(overrides):
     model = make_lm(**overrides)
     x = inputs()
@@ -108,6 +109,15 @@ def test_logits_are_tied_to_the_shared_embedding():
     hidden = ops.convert_to_numpy(model.backbone(x))
     embeddings = ops.convert_to_numpy(model.backbone.token_embedding.embeddings)
     assert_close(model(x), hidden @ embeddings.T, 1e-4)
+
+
+def test_untied_logits_use_their_own_kernel():
+    model = make_lm(tie_embeddings=False)
+    x = inputs()
+    hidden = ops.convert_to_numpy(model.backbone(x))
+    kernel = ops.convert_to_numpy(model.backbone.token_embedding.reverse_embeddings)
+    assert_close(model(x), hidden @ kernel, 1e-4)
+    assert model.count_params() == make_lm().count_params() + 16 * VOCABULARY
 
 
 def test_keras_round_trip(tmp_path):

@@ -142,6 +142,22 @@ def test_layerwise_multipliers_and_freezing_of_a_gpt_backbone():
         freeze_layers(backbone, "blocks:3")
 
 
+def test_freezing_embeddings_of_rotary_models_without_position_tables():
+    from keras_llm.models.seq2seq import Seq2SeqBackbone
+
+    gpt = GPTBackbone(vocabulary_size=30, num_layers=1, num_heads=2, hidden_size=8,
+                      intermediate_size=16, max_length=6, position="rotary")
+    gpt.build((None, 6))
+    seq2seq = Seq2SeqBackbone(vocabulary_size=30, num_layers=1, num_heads=2, hidden_size=8,
+                              intermediate_size=16, max_length=6, position="rotary")
+    seq2seq.build({"encoder_token_ids": (None, 6)})
+    for backbone in (gpt, seq2seq):
+        freeze_layers(backbone, "embeddings")
+        assert backbone.token_embedding.embeddings.path not in {
+            v.path for v in backbone.trainable_weights}
+        assert {v.path for v in backbone.trainable_weights}  # the blocks still train
+
+
 def test_layerwise_adamw_scales_each_variables_step():
     layer = keras.layers.Dense(1, kernel_initializer="ones", bias_initializer="zeros")
     layer.build((None, 2))

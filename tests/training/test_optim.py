@@ -1,8 +1,12 @@
+import doctest
+
 import numpy as np
 import pytest
 
-from keras_llm.config import TrainConfig
-from keras_llm.training.optim import learning_rate_schedule, make_optimizer
+from keras_llm.config import Config, TrainConfig
+from keras_llm.errors import ConfigError
+from keras_llm.training import optim as optim_module
+from keras_llm.training.optim import WarmupStableDecay, learning_rate_schedule, make_optimizer
 
 
 def test_schedule_warms_up_linearly_then_decays_to_floor():
@@ -16,6 +20,45 @@ def test_schedule_warms_up_linearly_then_decays_to_floor():
     assert values[3] == pytest.approx(1e-4 + 0.45e-3, rel=1e-4)
     assert values[4] == pytest.approx(1e-4, rel=1e-4)
     assert values[5] == pytest.approx(1e-4, rel=1e-4)
+
+
+def test_warmup_stable_decay_schedule():
+    config = TrainConfig(learning_rate=1e-3, warmup_steps=10, min_learning_rate_ratio=0.1,
+                         schedule="wsd", decay_fraction=0.25)
+    schedule = learning_rate_schedule(config, total_steps=210)
+    assert isinstance(schedule, WarmupStableDecay)
+    values = {step: float(schedule(step)) for step in (0, 5, 10, 100, 157, 184, 210, 300)}
+    assert values[0] == pytest.approx(0.0)
+    assert values[5] == pytest.approx(5e-4, rel=1e-5)
+    # Constant at the peak until the last quarter (step 157.5), then linear to the floor.
+    assert values[10] == values[100] == values[157] == pytest.approx(1e-3, rel=1e-6)
+    assert values[184] == pytest.approx(1e-3 - 0.9e-3 * (184 - 157.5) / 52.5, rel=1e-5)
+    assert values[210] == values[300] == pytest.approx(1e-4, rel=1e-5)
+    # A decay fraction of 1 decays linearly from the end of warmup.
+    linear = learning_rate_schedule(
+        TrainConfig(learning_rate=1e-3, warmup_steps=10, min_learning_rate_ratio=0.0,
+                    schedule="wsd", decay_fraction=1.0), total_steps=110)
+    assert float(linear(60)) == pytest.approx(5e-4, rel=1e-5)
+    # make_optimizer uses it, and it serializes with the optimizer.
+    optimizer = make_optimizer(config, total_steps=210)
+    restored = type(optimizer).from_config(optimizer.get_config())
+    assert float(restored.learning_rate) == pytest.approx(0.0)
+    assert restored._learning_rate.get_config() == schedule.get_config()
+
+
+def test_docstring_examples_run():
+    results = doctest.testmod(optim_module)
+    assert results.attempted > 0 and results.failed == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"schedule": "linear"}, "train.schedule must be one of cosine, wsd"),
+    ({"schedule": "wsd", "decay_fraction": 0.0}, r"train.decay_fraction must be in \(0, 1\]"),
+    ({"decay_fraction": 1.5}, r"train.decay_fraction must be in \(0, 1\], got 1.5"),
+])
+def test_schedule_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict({"train": overrides})
 
 
 def test_optimizer_clips_and_skips_decay_on_norms_and_biases():
