@@ -5,6 +5,7 @@ import keras
 from keras import ops
 from keras_hub.layers import RotaryEmbedding
 
+from keras_llm.layers.linear import linear
 from keras_llm.layers.validation import check_positive, check_rate, check_shape
 
 
@@ -22,6 +23,15 @@ def causal_mask(query_length, key_length, start_index=0):
     query_positions = ops.arange(query_length)[:, None] + start_index
     key_positions = ops.arange(key_length)[None, :]
     return ops.greater_equal(query_positions, key_positions)
+
+
+def leading_shape(x):
+    """`(batch, length)` of `x` for a reshape target: static sizes where known, and -1 for
+    an unknown batch. In a shape-polymorphic graph (an exported signature's decoding loop,
+    where the length is a static 1) the target is then a constant; `shape(x)[0]` would cost
+    a few small ops per reshape, per layer, per decoding step."""
+    batch = -1 if x.shape[0] is None else x.shape[0]
+    return batch, ops.shape(x)[1] if x.shape[1] is None else x.shape[1]
 
 
 def split_cache(cache):
@@ -201,10 +211,11 @@ class MultiHeadAttention(keras.layers.Layer):
     def _project(self, x, name, head_dim):
         """Projects `x` with the `name` ("query", "key" or "value") kernel into heads."""
         kernel, bias = self._projection_weights(name)
-        y = ops.matmul(x, kernel)
-        if bias is not None:
-            y = y + bias
-        return ops.reshape(y, (ops.shape(x)[0], ops.shape(x)[1], self.num_heads, head_dim))
+        return self._split_heads(linear(x, kernel, bias), head_dim)
+
+    def _split_heads(self, y, head_dim):
+        """`(batch, length, heads * head_dim)` -> `(batch, length, heads, head_dim)`."""
+        return ops.reshape(y, (*leading_shape(y), self.num_heads, head_dim))
 
     def _self_attention_qkv(self, x):
         # One matmul for q, k and v: on CPU three small GEMMs cost noticeably more than one.
@@ -216,18 +227,13 @@ class MultiHeadAttention(keras.layers.Layer):
                                      axis=1)
             bias = ops.concatenate([self.query_bias, self.key_bias, self.value_bias]) if (
                 self.use_bias) else None
-        y = ops.matmul(x, kernel)
-        if bias is not None:
-            y = y + bias
+        y = linear(x, kernel, bias)
         heads_key = self.num_heads * self.key_dim
-        batch, length = ops.shape(x)[0], ops.shape(x)[1]
         # split, not three slices: its gradient is one concat, where each slice's gradient
         # writes a full-width zero tensor (about 6% of a CPU training step).
         q, k, v = ops.split(y, [heads_key, 2 * heads_key], axis=-1)
-        q = ops.reshape(q, (batch, length, self.num_heads, self.key_dim))
-        k = ops.reshape(k, (batch, length, self.num_heads, self.key_dim))
-        v = ops.reshape(v, (batch, length, self.num_heads, self.value_dim))
-        return q, k, v
+        return (self._split_heads(q, self.key_dim), self._split_heads(k, self.key_dim),
+                self._split_heads(v, self.value_dim))
 
     def compute_key_value_cache(self, value):
         """Projects encoder outputs once into a cross-attention cache: the pair
@@ -267,11 +273,8 @@ class MultiHeadAttention(keras.layers.Layer):
             causal = causal_mask(ops.shape(q)[1], ops.shape(k)[1], start)[None]
             mask = causal if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal)
         output = self._attend(q, k, v, mask, is_causal, training)
-        batch, length = ops.shape(output)[0], ops.shape(output)[1]
-        output = ops.reshape(output, (batch, length, self.num_heads * self.value_dim))
-        output = ops.matmul(output, self.output_kernel)
-        if self.use_bias:
-            output = output + self.output_bias
+        output = ops.reshape(output, (*leading_shape(output), self.num_heads * self.value_dim))
+        output = linear(output, self.output_kernel, self.output_bias if self.use_bias else None)
         return output if cache is None else (output, cache)
 
     def _check_call_shapes(self, query, value, attention_mask, cache):

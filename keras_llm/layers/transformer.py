@@ -3,6 +3,7 @@ import keras
 
 from keras_llm.layers.activations import gelu, gelu_tanh
 from keras_llm.layers.attention import MultiHeadAttention, cache_length, merge_masks
+from keras_llm.layers.linear import linear
 from keras_llm.layers.normalization import LayerNormalization
 from keras_llm.layers.validation import check_positive, check_rate, check_shape
 
@@ -60,7 +61,10 @@ class FeedForward(keras.layers.Layer):
         self.output_dense.build((*input_shape[:-1], self.intermediate_size))
 
     def call(self, x):
-        return self.output_dense(self._activation_fn(self.intermediate_dense(x)))
+        # The Dense layers hold the weights; `linear` applies them (see its docstring).
+        hidden = self._activation_fn(linear(x, self.intermediate_dense.kernel,
+                                            self.intermediate_dense.bias))
+        return linear(hidden, self.output_dense.kernel, self.output_dense.bias)
 
     def get_config(self):
         return {**super().get_config(), "intermediate_size": self.intermediate_size,

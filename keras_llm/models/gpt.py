@@ -10,6 +10,7 @@ from keras_hub.layers import ReversibleEmbedding
 
 from keras_llm.layers import TransformerDecoderBlock
 from keras_llm.layers.attention import empty_kv_cache
+from keras_llm.layers.linear import linear
 from keras_llm.layers.normalization import LayerNormalization
 from keras_llm.layers.position import add_positions, position_layer, rotary_max_wavelength
 from keras_llm.layers.validation import check_positive
@@ -153,8 +154,11 @@ class GPTBackbone(keras.Model):
                               self.hidden_size // self.num_heads, self.compute_dtype)
 
     def logits(self, hidden):
-        """Output projection: the token embedding's transpose (or, untied, its own kernel)."""
-        return self.token_embedding(hidden, reverse=True)
+        """Output projection: the token embedding's transpose (or, untied, its own kernel).
+        `ReversibleEmbedding(hidden, reverse=True)`'s product, through `linear`."""
+        table = self.token_embedding
+        kernel = ops.transpose(table.embeddings) if table.tie_weights else table.reverse_embeddings
+        return linear(hidden, kernel)
 
     def get_config(self):
         return {
