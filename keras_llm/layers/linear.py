@@ -30,4 +30,4 @@ def linear(x, kernel, bias=None):
         middle = [size if size is not None else ops.shape(x)[axis]
                   for axis, size in enumerate(x.shape[1:-1], start=1)]
         y = ops.reshape(y, (-1, *middle, kernel.shape[-1]))
-    return y if bias is None else y + bias
+    return y if bias is None else ops.add(y, bias)  # a BiasAdd on TensorFlow, as keras Dense
