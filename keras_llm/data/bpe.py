@@ -52,27 +52,52 @@ def character_classes():
     return table
 
 
+BLOCK = 256  # code points per block of the two-level class table
+
+
 @functools.lru_cache(maxsize=None)
-def _classes_tensor():
-    with tf.init_scope():  # one eager constant that every trace captures
-        return tf.constant(character_classes())
+def _class_tables():
+    """The class table as (offsets, blocks): the classes of code point `c` are
+    `blocks[offsets[c // BLOCK] + c % BLOCK]`. Unicode has 124 distinct 256-code-point
+    blocks of classes, so the two tables hold 50 KB where the flat one holds 1.1 MB, a
+    constant every trace of a tf.data function would copy and every instantiation load."""
+    table = character_classes().reshape(-1, BLOCK)
+    blocks, index = np.unique(table, axis=0, return_inverse=True)
+    with tf.init_scope():  # eager constants that every trace captures
+        return (tf.constant(index.reshape(-1).astype(np.int32) * BLOCK),
+                tf.constant(blocks.reshape(-1)))
+
+
+def classes_of(code_points):
+    """int8 classes of an int32 tensor of code points."""
+    offsets, blocks = _class_tables()
+    block = tf.bitwise.right_shift(code_points, BLOCK.bit_length() - 1)
+    return tf.gather(blocks, tf.gather(offsets, block)
+                     + tf.bitwise.bitwise_and(code_points, BLOCK - 1))
+
+
+# Graph code written for the graph: tf.data and `tf.function` would otherwise run it through
+# AutoGraph, which converts every Python loop and `len` it meets (building the word table
+# that way took two seconds a load).
+plain_python = tf.autograph.experimental.do_not_convert
 
 
 def _next(x, fill):
     """x[i + 1], `fill` past the end."""
-    return tf.concat([x, tf.fill([1], tf.cast(fill, x.dtype))], axis=0)[1:]
+    return tf.concat([x, [fill]], axis=0)[1:]
 
 
-def _previous(x, fill, by=1):
-    """x[i - by], `fill` before the start."""
-    return tf.concat([tf.fill([by], tf.cast(fill, x.dtype)), x], axis=0)[:tf.size(x)]
+def _previous(x, fill):
+    """x[i - 1], `fill` before the start."""
+    return tf.concat([[fill], x], axis=0)[:-1]
 
 
-def _mark(positions, size):
-    """bool[size], True at `positions`."""
-    return tf.scatter_nd(positions[:, None], tf.ones_like(positions, tf.int8), [size]) > 0
+def _positions(mask):
+    """int64 positions where `mask` is True (fewer ops than `tf.boolean_mask`)."""
+    return tf.reshape(tf.where(mask), [-1])
 
 
+@plain_python
 def pretokenize(texts):
     r"""string[batch] -> RaggedTensor[batch, words]: GPT-2's pre-tokens,
     `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`.
@@ -83,17 +108,21 @@ def pretokenize(texts):
     word and begins a contraction takes its one or two letters; the rest of those letters
     start the next word.
 
+    The graph is kept small (no validating ragged constructors, no `tf.boolean_mask`):
+    every tf.data pipeline traces and instantiates it anew, and at a few hundred ops that
+    fixed cost is a sizeable part of a pass over a small corpus.
+
     >>> pretokenize(tf.constant(["it's  a\n\nb "])).to_list()
     [[b'it', b"'s", b' ', b' a', b'\n', b'\n', b'b', b' ']]
     """
     chars = tf.strings.unicode_decode(texts, "UTF-8", errors="replace")
-    c = chars.flat_values
+    c, splits = chars.flat_values, chars.row_splits
     size = tf.shape(c, out_type=tf.int64)[0]
-    starts, limits = chars.row_starts(), chars.row_limits()
-    nonempty = limits > starts
-    first = _mark(tf.boolean_mask(starts, nonempty), size)
-    last = _mark(tf.boolean_mask(limits - 1, nonempty), size)
-    kind = tf.gather(_classes_tensor(), c)
+    # Texts start and end at row splits: mark them all once, then read `first` at i and
+    # `last` at i + 1 (empty texts only repeat a split).
+    at_split = tf.scatter_nd(splits[:, None], tf.ones_like(splits, tf.int8), [size + 1]) > 0
+    first, last = at_split[:-1], at_split[1:]
+    kind = classes_of(c)
     run_start = first | tf.not_equal(kind, _previous(kind, -1))
     run_end = last | tf.not_equal(kind, _next(kind, -1))
     # The last character of a whitespace run that a word follows starts a word of its own,
@@ -101,8 +130,8 @@ def pretokenize(texts):
     handed_over = tf.equal(kind, WHITESPACE) & run_end & ~last
     joins = handed_over & tf.equal(c, ord(" "))
     start = (run_start | handed_over) & ~_previous(joins, False)
-    # Contractions, at the (few) apostrophes that start a word.
-    at = tf.where(start & tf.equal(c, ord("'")) & ~last)[:, 0]
+    # Contractions, at the (few) apostrophes that start a word and are not last.
+    at = _positions(start & tf.equal(c, ord("'")) & ~last)
     c1 = tf.gather(c, at + 1)
     c2 = tf.gather(c, tf.minimum(at + 2, size - 1))
     has_c2 = ~tf.gather(last, at + 1)
@@ -111,17 +140,21 @@ def pretokenize(texts):
         two |= tf.equal(c1, ord(a)) & tf.equal(c2, ord(b)) & has_c2
     one = tf.reduce_any(tf.equal(c1[:, None], [ord(x) for x in ONE_LETTER]), axis=1)
     length = tf.where(one, tf.constant(2, tf.int64), tf.where(two, tf.constant(3, tf.int64), 0))
-    at, length = tf.boolean_mask(at, length > 0), tf.boolean_mask(length, length > 0)
+    kept = _positions(length > 0)
+    at, length = tf.gather(at, kept), tf.gather(length, kept)
     # The letters' own run no longer starts after the apostrophe; the rest of it starts
-    # after the contraction (unless the contraction ends its text: then the next text does).
-    start = tf.tensor_scatter_nd_update(start, (at + 1)[:, None], tf.zeros_like(at, tf.bool))
-    after = tf.boolean_mask(at + length, at + length < size)
-    start = tf.tensor_scatter_nd_update(start, after[:, None], tf.ones_like(after, tf.bool))
-    word_starts = tf.where(start)[:, 0]
-    words = tf.strings.unicode_encode(tf.RaggedTensor.from_row_starts(c, word_starts), "UTF-8")
-    counts = (tf.searchsorted(word_starts, limits, side="left")
-              - tf.searchsorted(word_starts, starts, side="left"))
-    return tf.RaggedTensor.from_row_lengths(words, tf.cast(counts, tf.int64))
+    # after the contraction (past the end of its text that is the next text's start
+    # anyway, so one extra slot takes the write past the last text).
+    start = tf.tensor_scatter_nd_update(
+        tf.concat([start, [False]], axis=0),
+        tf.concat([at + 1, at + length], axis=0)[:, None],
+        tf.concat([tf.zeros_like(at, tf.bool), tf.ones_like(at, tf.bool)], axis=0))[:-1]
+    word_starts = _positions(start)
+    words = tf.strings.unicode_encode(
+        tf.RaggedTensor.from_row_starts(c, word_starts, validate=False), "UTF-8")
+    # Text k's words are those starting before splits[k + 1] and not before splits[k].
+    return tf.RaggedTensor.from_row_splits(
+        words, tf.searchsorted(word_starts, splits, side="left"), validate=False)
 
 
 class WordTableBytePairTokenizer(keras_hub.tokenizers.BytePairTokenizer):
@@ -149,27 +182,40 @@ class WordTableBytePairTokenizer(keras_hub.tokenizers.BytePairTokenizer):
         if self.sequence_length or self.add_prefix_space or self.unsplittable_tokens:
             raise ValueError("WordTableBytePairTokenizer takes no sequence_length, "
                              "add_prefix_space or unsplittable_tokens")
-        self.word_table = word_table
+        # Arrays, not lists: a keras layer wraps list attributes in tracked lists, element
+        # by element (a second per load of a 131k-word table).
+        words, ids = word_table
+        self._table_words = np.asarray(list(words), dtype=object)
+        self._table_ids = np.fromiter((i for row in ids for i in row), np.int32)
+        self._table_lengths = np.fromiter((len(row) for row in ids), np.int64, len(ids))
         self._word_index = None
         self._eager = None
         self._python_encoder = None
 
+    @property
+    def word_table(self):
+        """`(words, ids)`: lists, as the constructor takes them."""
+        ends = np.cumsum(self._table_lengths)
+        return (self._table_words.tolist(),
+                [row.tolist() for row in np.split(self._table_ids, ends[:-1])] if len(ends)
+                else [])
+
+    @plain_python
     def _maybe_initialized_tf(self):
         # Outside any trace (`init_scope`): the tables are built once, eagerly, and every
         # later trace (each tf.data map, a SavedModel signature) captures the same ones.
         with tf.init_scope():
             super()._maybe_initialized_tf()
             if self._word_index is None:
-                words, ids = self.word_table
                 self._word_ids = tf.RaggedTensor.from_row_lengths(
-                    tf.constant([i for row in ids for i in row], tf.int32),
-                    tf.constant([len(row) for row in ids], tf.int64))
+                    tf.constant(self._table_ids), tf.constant(self._table_lengths))
                 self._word_index = tf.lookup.StaticHashTable(
                     tf.lookup.KeyValueTensorInitializer(
-                        tf.constant(list(words), tf.string),
-                        tf.range(len(words), dtype=tf.int64)),
+                        tf.constant(self._table_words, tf.string),
+                        tf.range(len(self._table_words), dtype=tf.int64)),
                     default_value=-1)
 
+    @plain_python
     def _merge_in_graph(self, words):
         """Ids of whole words by keras-hub's merge loop (through its cache), not re-split."""
         cached = self.cache.lookup(words)
@@ -183,6 +229,7 @@ class WordTableBytePairTokenizer(keras_hub.tokenizers.BytePairTokenizer):
         tokens = tf.strings.split(merged, sep=" ")
         return tf.cast(self.token_to_id_map.lookup(tokens), tf.int32)
 
+    @plain_python
     def _merge_in_python(self, words):
         """Ids of whole words by HuggingFace `tokenizers` through `tf.py_function`."""
         if self._python_encoder is None:
@@ -205,7 +252,7 @@ class WordTableBytePairTokenizer(keras_hub.tokenizers.BytePairTokenizer):
         # Most batches of a training corpus hold no unknown word: no Python call then.
         ids, lengths = tf.cond(tf.size(words) > 0, call_python,
                                lambda: (tf.zeros([0], tf.int32), tf.zeros([0], tf.int64)))
-        return tf.RaggedTensor.from_row_lengths(ids, lengths)
+        return tf.RaggedTensor.from_row_lengths(ids, lengths, validate=False)
 
     def tokenize(self, inputs):
         """Ids of a batch of strings, entirely in the graph (what SavedModels hold)."""
@@ -221,6 +268,7 @@ class WordTableBytePairTokenizer(keras_hub.tokenizers.BytePairTokenizer):
         """
         return self._tokenize(inputs, self._merge_in_python)
 
+    @plain_python
     def _tokenize(self, inputs, merge):
         inputs = tf.convert_to_tensor(inputs, tf.string)
         if inputs.shape.rank == 0:
@@ -246,5 +294,6 @@ class WordTableBytePairTokenizer(keras_hub.tokenizers.BytePairTokenizer):
                          - 1, index)
         ids = tf.gather(rows, index)
         ids = tf.RaggedTensor.from_row_splits(ids.flat_values,
-                                              tf.gather(ids.row_splits, words.row_splits))
+                                              tf.gather(ids.row_splits, words.row_splits),
+                                              validate=False)
         return tf.cast(ids, self.compute_dtype)
