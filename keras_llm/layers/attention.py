@@ -44,20 +44,20 @@ def split_cache(cache):
 
 def cache_length(cache):
     """The static key length (`max_length`) of a pair or stacked cache (None if unknown)."""
-    return cache[0].shape[1] if isinstance(cache, (tuple, list)) else cache.shape[2]
+    return cache[0].shape[2] if isinstance(cache, (tuple, list)) else cache.shape[3]
 
 
 def empty_kv_cache(batch_size, length, num_layers, num_heads, head_dim, dtype="float32"):
     """A zero decoding cache of a stack of attention layers: a tuple with one
-    `(keys, values)` pair of `(batch_size, length, num_heads, head_dim)` tensors per layer.
+    `(keys, values)` pair of `(batch_size, num_heads, length, head_dim)` tensors per layer.
 
     Example:
 
     >>> cache = empty_kv_cache(2, 8, num_layers=3, num_heads=4, head_dim=16)
     >>> len(cache), keras.ops.shape(cache[0][1])
-    (3, (2, 8, 4, 16))
+    (3, (2, 4, 8, 16))
     """
-    shape = (batch_size, length, num_heads, head_dim)
+    shape = (batch_size, num_heads, length, head_dim)
     return tuple((ops.zeros(shape, dtype=dtype), ops.zeros(shape, dtype=dtype))
                  for _ in range(num_layers))
 
@@ -93,12 +93,14 @@ class MultiHeadAttention(keras.layers.Layer):
     = may attend), `use_causal_mask=True` adds the causal constraint. For incremental
     decoding pass `cache` and `cache_index` (where the new tokens go); the layer then
     returns `(output, updated_cache)`. A cache is either a `(key_cache, value_cache)` pair
-    of `(batch, max_length, num_heads, head_dim)` tensors, the form the models keep (each
+    of `(batch, num_heads, max_length, head_dim)` tensors, the form the models keep (each
     step is then two in-place updates inside a compiled decoding loop, with no stacking), or
-    one stacked `(batch, 2, max_length, num_heads, head_dim)` tensor, keys then values
-    (keras-hub's layout); the updated cache comes back in the form it was given. For cross-
-    attention, a `cache` without `cache_index` holds the encoder's precomputed keys and
-    values and is used as is (see `compute_key_value_cache`).
+    one stacked `(batch, 2, num_heads, max_length, head_dim)` tensor, keys then values; the
+    updated cache comes back in the form it was given. Heads come before positions (not
+    keras-hub's `(..., max_length, num_heads, head_dim)`) so that attention reads the cache
+    with batched matmuls and no per-step transpose of it. For cross-attention, a `cache`
+    without `cache_index` holds the encoder's precomputed keys and values and is used as is
+    (see `compute_key_value_cache`).
 
     Args:
         num_heads: number of attention heads.
@@ -217,6 +219,11 @@ class MultiHeadAttention(keras.layers.Layer):
         """`(batch, length, heads * head_dim)` -> `(batch, length, heads, head_dim)`."""
         return ops.reshape(y, (*leading_shape(y), self.num_heads, head_dim))
 
+    @staticmethod
+    def _heads_first(x):
+        """`(batch, length, heads, head_dim)` <-> `(batch, heads, length, head_dim)`."""
+        return ops.transpose(x, (0, 2, 1, 3))
+
     def _self_attention_qkv(self, x):
         # One matmul for q, k and v: on CPU three small GEMMs cost noticeably more than one.
         if self.fused:
@@ -237,9 +244,9 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def compute_key_value_cache(self, value):
         """Projects encoder outputs once into a cross-attention cache: the pair
-        `(keys, values)`, each `(batch, S, H, D)`."""
-        return (self._project(value, "key", self.key_dim),
-                self._project(value, "value", self.value_dim))
+        `(keys, values)`, each `(batch, heads, S, head_dim)`."""
+        return (self._heads_first(self._project(value, "key", self.key_dim)),
+                self._heads_first(self._project(value, "value", self.value_dim)))
 
     def call(self, query, value=None, attention_mask=None, use_causal_mask=False, cache=None,
              cache_index=None, training=None):
@@ -258,10 +265,15 @@ class MultiHeadAttention(keras.layers.Layer):
         start = cache_index if cache is not None and cache_index is not None else 0
         if self._rotary is not None:
             q, k = self._rotary(q, start_index=start), self._rotary(k, start_index=start)
+        # From here on (batch, heads, length, head_dim), the cache's layout.
+        query_length = ops.shape(q)[1]
+        q = self._heads_first(q)
+        if cache is None or cache_index is not None:
+            k, v = self._heads_first(k), self._heads_first(v)
         if cache is not None and cache_index is not None:
             key_cache, value_cache = split_cache(cache)
-            k = ops.slice_update(key_cache, (0, cache_index, 0, 0), ops.cast(k, key_cache.dtype))
-            v = ops.slice_update(value_cache, (0, cache_index, 0, 0),
+            k = ops.slice_update(key_cache, (0, 0, cache_index, 0), ops.cast(k, key_cache.dtype))
+            v = ops.slice_update(value_cache, (0, 0, cache_index, 0),
                                  ops.cast(v, value_cache.dtype))
             cache = ops.stack([k, v], axis=1) if stacked else (k, v)
 
@@ -270,7 +282,7 @@ class MultiHeadAttention(keras.layers.Layer):
         # can pick a fused kernel); otherwise the causal constraint joins the explicit mask.
         is_causal = use_causal_mask and cache is None and mask is None
         if use_causal_mask and not is_causal:
-            causal = causal_mask(ops.shape(q)[1], ops.shape(k)[1], start)[None]
+            causal = causal_mask(query_length, ops.shape(k)[2], start)[None]
             mask = causal if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal)
         output = self._attend(q, k, v, mask, is_causal, training)
         output = ops.reshape(output, (*leading_shape(output), self.num_heads * self.value_dim))
@@ -284,13 +296,12 @@ class MultiHeadAttention(keras.layers.Layer):
                 raise ValueError(f"cache must be a (key_cache, value_cache) pair or one tensor; "
                                  f"got a sequence of {len(cache)}")
             for name, part in zip(("key_cache", "value_cache"), cache):
-                check_shape(part, name, (("batch", batch), ("max_length", None),
-                                         ("num_heads", self.num_heads),
-                                         ("head_dim", self.key_dim)))
+                check_shape(part, name, (("batch", batch), ("num_heads", self.num_heads),
+                                         ("max_length", None), ("head_dim", self.key_dim)))
             key_length = cache_length(cache)
         elif cache is not None:
             check_shape(cache, "cache", (
-                ("batch", batch), ("2", 2), ("max_length", None), ("num_heads", self.num_heads),
+                ("batch", batch), ("2", 2), ("num_heads", self.num_heads), ("max_length", None),
                 ("head_dim", self.key_dim)))
             key_length = cache_length(cache)
         else:
@@ -299,31 +310,38 @@ class MultiHeadAttention(keras.layers.Layer):
             ("batch", batch), ("queries", query_length), ("keys", key_length)), broadcast=True)
 
     def _attend(self, q, k, v, mask, is_causal, training):
+        """Attention of `(batch, heads, length, head_dim)` queries, keys and values; returns
+        `(batch, queries, heads, head_dim)`."""
         if mask is not None:
             mask = ops.cast(mask, "bool")[:, None, :, :]  # broadcast over heads
         # The fused op has no dropout, and JAX's needs value_dim == key_dim. On TensorFlow,
-        # keras' is_causal path builds and combines (batch, heads, T, S) boolean masks; the
-        # explicit path selects with one broadcast (T, S) mask (about 4% of a CPU training
-        # step). Other backends keep the fused op, which can pick a flash/cuDNN kernel on GPU.
-        # (Adding a -1e9 bias instead of the select is as fast in theory, but oneDNN fuses
-        # that add into the batch matmul and runs it 10x slower.)
+        # keras' op is two einsums with a scaling pass over the scores and a mask built by
+        # combining (batch, heads, T, S) boolean tensors, so TensorFlow always takes the
+        # explicit path below. Other backends keep the fused op, which can pick a
+        # flash/cuDNN kernel on GPU. (Adding a -1e9 bias instead of the select is as fast
+        # in theory, but oneDNN fuses that add into the batch matmul and runs it 10x
+        # slower.)
         explicit = (training and self.dropout > 0) or self.value_dim != self.key_dim or (
-            is_causal and keras.backend.backend() == "tensorflow")
+            keras.backend.backend() == "tensorflow")
         if not explicit:
+            q, k, v = self._heads_first(q), self._heads_first(k), self._heads_first(v)
             return ops.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
         if is_causal:
-            mask = causal_mask(ops.shape(q)[1], ops.shape(k)[1])[None, None]
+            mask = causal_mask(ops.shape(q)[2], ops.shape(k)[2])[None, None]
         # Scaled queries, as keras.layers.MultiHeadAttention: scaling the scores instead
         # costs a pass over the larger (batch, heads, T, S) tensor, which oneDNN fuses into
-        # the batch matmul and runs slower (attention core forward + backward 6.7 -> 5.0 ms
-        # per gpt-tiny layer in isolation, about 1% of the training step).
-        scores = ops.einsum("btnh,bsnh->bnts", q * (1.0 / math.sqrt(self.key_dim)), k)
+        # the batch matmul and runs slower. Plain batched matmuls, heads first: TensorFlow's
+        # einsum (oneDNN's) costs about 0.24 ms per call on a one-token decoding step,
+        # where these take a fraction of that, and in training it is no faster; the keys'
+        # transpose folds into the matmul (adjoint).
+        scores = ops.matmul(q * (1.0 / math.sqrt(self.key_dim)),
+                            ops.transpose(k, (0, 1, 3, 2)))  # (batch, heads, T, S)
         scores = ops.cast(scores, "float32")  # softmax in float32 under mixed precision
         if mask is not None:
             scores = ops.where(mask, scores, -1e9)
         probs = ops.softmax(scores, axis=-1)
         probs = self._dropout_layer(ops.cast(probs, v.dtype), training=training)
-        return ops.einsum("bnts,bsnh->btnh", probs, v)
+        return self._heads_first(ops.matmul(probs, v))
 
     def compute_output_shape(self, query_shape, value_shape=None):
         return (*query_shape[:-1], self.output_dim or query_shape[-1])

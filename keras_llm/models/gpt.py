@@ -147,7 +147,7 @@ class GPTBackbone(keras.Model):
         return self._finish(x), tuple(updated)
 
     def empty_cache(self, batch_size, length):
-        """A zero KV cache: one `(keys, values)` pair of `(batch, length, heads, head_dim)`
+        """A zero KV cache: one `(keys, values)` pair of `(batch, heads, length, head_dim)`
         tensors per block. Separate tensors, not one stacked array, so that a compiled
         decoding loop updates each in place (stacking copies the whole cache every step)."""
         return empty_kv_cache(batch_size, length, self.num_layers, self.num_heads,

@@ -184,12 +184,12 @@ class Seq2SeqBackbone(keras.Model):
 
     def cross_attention_cache(self, encoder_outputs):
         """Encoder keys and values of every decoder block: one `(keys, values)` pair of
-        `(batch, S, heads, head_dim)` tensors per block."""
+        `(batch, heads, S, head_dim)` tensors per block."""
         return tuple(block.compute_cross_attention_cache(encoder_outputs)
                      for block in self.decoder_blocks)
 
     def empty_cache(self, batch_size, length):
-        """A zero self-attention cache: one `(keys, values)` pair of `(batch, length, heads,
+        """A zero self-attention cache: one `(keys, values)` pair of `(batch, heads, length,
         head_dim)` tensors per decoder block (updated in place by a compiled loop)."""
         return empty_kv_cache(batch_size, length, self.num_decoder_layers, self.num_heads,
                               self.hidden_size // self.num_heads, self.compute_dtype)

@@ -140,7 +140,7 @@ def test_causal_mask_and_merge_masks_values():
 def decode_token_by_token(layer, x, cache_length, prefill=1, pair=False):
     """Feeds `x` through the KV cache: `prefill` tokens at once, then one token per step;
     the cache is one stacked tensor, or a `(keys, values)` pair with `pair=True`."""
-    cache = ops.zeros((BATCH, 2, cache_length, HEADS, HEAD_DIM))
+    cache = ops.zeros((BATCH, 2, HEADS, cache_length, HEAD_DIM))
     if pair:
         cache = (cache[:, 0], cache[:, 1])
     outputs = []
@@ -166,8 +166,8 @@ def test_cached_decoding_equals_causal_forward_pass(prefill, pair):
     # The cache comes back in the form it was given.
     assert isinstance(cache, tuple) == pair
     cache = ops.stack(cache, axis=1) if pair else cache
-    assert ops.shape(cache) == (BATCH, 2, LENGTH + 3, HEADS, HEAD_DIM)
-    assert not np.any(ops.convert_to_numpy(cache)[:, :, LENGTH:])
+    assert ops.shape(cache) == (BATCH, 2, HEADS, LENGTH + 3, HEAD_DIM)
+    assert not np.any(ops.convert_to_numpy(cache)[:, :, :, LENGTH:])
 
 
 def test_cross_attention_cache_equals_direct_call():
@@ -187,7 +187,7 @@ def test_dropout_path_equals_fused_path_at_rate_zero_and_drops_in_training():
     # attention as dot_product_attention; compare it at inference on the same weights.
     layer, _ = attention_pair()
     x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
-    q, k, v = layer._self_attention_qkv(x)
+    q, k, v = (layer._heads_first(t) for t in layer._self_attention_qkv(x))
     mask = merge_masks(padding([5, 3], LENGTH))
     fused = layer._attend(q, k, v, mask, False, training=False)
     layer.dropout = 0.5  # only _attend's branch reads it; the Dropout layer has rate 0
@@ -333,7 +333,7 @@ def test_rotary_scores_depend_on_relative_position_only():
     # every query and key by the same extra angle: their dot products, and the output, stay.
     layer = rotary_layer()
     x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)
-    cache = (ops.zeros((BATCH, LENGTH + 3, HEADS, HEAD_DIM)),) * 2
+    cache = (ops.zeros((BATCH, HEADS, LENGTH + 3, HEAD_DIM)),) * 2
     visible = np.broadcast_to(np.arange(LENGTH + 3) >= 3, (BATCH, LENGTH, LENGTH + 3))
     shifted, _ = layer(x, attention_mask=visible, use_causal_mask=True, cache=cache,
                        cache_index=3)

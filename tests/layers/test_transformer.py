@@ -159,7 +159,7 @@ def test_cached_decoding_equals_full_forward_pass(norm_first, cross_attention):
         extra["cross_attention_cache"] = block.compute_cross_attention_cache(memory)
     else:
         full = block(x)
-    cache = ops.zeros((BATCH, 2, LENGTH + 2, HEADS, HEAD_DIM))
+    cache = ops.zeros((BATCH, 2, HEADS, LENGTH + 2, HEAD_DIM))
     steps = []
     for index in range(LENGTH):
         step, cache = block(x[:, index:index + 1], self_attention_cache=cache,

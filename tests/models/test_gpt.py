@@ -46,8 +46,8 @@ def test_call_with_cache_equals_full_forward_pass(overrides):
     logits = model(ids)
     hidden = model.backbone(ids)
     cache = model.backbone.empty_cache(BATCH, LENGTH)
-    # One (keys, values) pair per block, (batch, length, heads, head_dim) each.
-    assert len(cache) == 2 and all(ops.shape(part) == (BATCH, LENGTH, 2, 8)
+    # One (keys, values) pair per block, (batch, heads, length, head_dim) each.
+    assert len(cache) == 2 and all(ops.shape(part) == (BATCH, 2, LENGTH, 8)
                                    for pair in cache for part in pair)
     # Prefill three tokens at once, then decode one token per step.
     step_logits, step_hidden, cache = model.call_with_cache(ids[:, :3], cache, 0)
