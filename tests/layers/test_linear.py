@@ -41,6 +41,55 @@ def test_dynamic_shapes_take_a_constant_shape_path(length):
     np.testing.assert_allclose(function(x).numpy(), x @ kernel + bias, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel_shape", [(8, 3), (3, 8), (5, 5)])  # tall, wide, square
+def test_hand_gradient_equals_the_traced_one(kernel_shape):
+    x, kernel = values((7, kernel_shape[0]), 0), values(kernel_shape, 1)
+    upstream = values((7, kernel_shape[1]), 2)
+
+    def gradients(product):
+        function = lambda x, kernel: keras.ops.sum(product(x, kernel) * upstream)
+        if keras.config.backend() == "tensorflow":
+            import tensorflow as tf
+
+            x_, kernel_ = tf.constant(x), tf.constant(kernel)
+            with tf.GradientTape() as tape:
+                tape.watch([x_, kernel_])
+                value = function(x_, kernel_)
+            return [g.numpy() for g in tape.gradient(value, [x_, kernel_])]
+        import jax
+
+        return [np.asarray(g) for g in jax.grad(function, argnums=(0, 1))(x, kernel)]
+
+    ours = gradients(linear_module.kernel_gradient_product)
+    np.testing.assert_allclose(ours[0], upstream @ kernel.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[1], x.T @ upstream, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="TensorFlow graphs")
+@pytest.mark.parametrize("rows", [linear_module.HAND_GRADIENT_MIN_ROWS, 4])
+def test_training_sized_products_take_the_hand_gradient(rows):
+    import tensorflow as tf
+
+    x = tf.constant(values((2, rows // 2, 16), 0))
+    kernel, bias = tf.Variable(values((16, 4), 1)), tf.Variable(values((4,), 2))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(linear(x, kernel, bias)))
+        return tape.gradient(loss, [kernel, bias])
+
+    graph = step.get_concrete_function(x).graph
+    # A custom gradient leaves an IdentityN around the product in the forward graph.
+    assert ("IdentityN" in {op.type for op in graph.get_operations()}) == (
+        rows >= linear_module.HAND_GRADIENT_MIN_ROWS)
+    flat = x.numpy().reshape(-1, 16)
+    upstream = 2 * (flat @ kernel.numpy() + bias.numpy())
+    d_kernel, d_bias = step(x)
+    np.testing.assert_allclose(d_kernel.numpy(), flat.T @ upstream, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(d_bias.numpy(), upstream.sum(0), rtol=1e-4, atol=1e-3)
+
+
 def test_docstring_examples_run():
     results = doctest.testmod(linear_module)
     assert results.attempted > 0 and results.failed == 0
