@@ -33,6 +33,6 @@ setup(
         "click==8.*",
         "pyyaml>=6,<7",
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist==3.8.*"]},
     entry_points={"console_scripts": ["keras-llm=keras_llm.cli:main"]},
 )

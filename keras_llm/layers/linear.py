@@ -71,7 +71,9 @@ def kernel_gradient_product(x, kernel):
     >>> keras.ops.convert_to_numpy(kernel_gradient_product(x, kernel))[0].tolist()
     [4.0, 4.0]
     """
-    kernel = ops.convert_to_tensor(kernel)
+    # A value, not the variable: TensorFlow's custom gradients refuse functions that read
+    # variables (keras converts a variable to the variable itself).
+    kernel = ops.copy(kernel)
 
     @ops.custom_gradient
     def product(x, kernel):

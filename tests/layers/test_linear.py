@@ -90,6 +90,25 @@ def test_training_sized_products_take_the_hand_gradient(rows):
     np.testing.assert_allclose(d_bias.numpy(), upstream.sum(0), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="TensorFlow gradients")
+def test_hand_gradient_reads_keras_variables_eagerly():
+    # Keras converts a variable to the variable itself, which a TensorFlow custom gradient
+    # refuses to read; a layer called eagerly passes its kernel as a keras.Variable.
+    import tensorflow as tf
+
+    x = values((2, linear_module.HAND_GRADIENT_MIN_ROWS // 2, 16), 0)
+    kernel, bias = keras.Variable(values((16, 4), 1)), keras.Variable(values((4,), 2))
+    flat = x.reshape(-1, 16)
+    expected = flat @ kernel.numpy() + bias.numpy()
+    with tf.GradientTape() as tape:
+        y = linear(x, kernel, bias)
+        loss = tf.reduce_sum(tf.square(y))
+    np.testing.assert_allclose(y.numpy().reshape(-1, 4), expected, rtol=1e-5, atol=1e-4)
+    d_kernel, d_bias = tape.gradient(loss, [kernel.value, bias.value])
+    np.testing.assert_allclose(d_kernel.numpy(), flat.T @ (2 * expected), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(d_bias.numpy(), (2 * expected).sum(0), rtol=1e-4, atol=1e-3)
+
+
 def test_docstring_examples_run():
     results = doctest.testmod(linear_module)
     assert results.attempted > 0 and results.failed == 0
