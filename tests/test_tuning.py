@@ -391,14 +391,14 @@ def test_summary_of_a_missing_search_is_one_line(tmp_path):
 def test_interrupted_search_resumes_without_redoing_trials(tmp_path, corpus):
     path = write_space(tmp_path, corpus, {"train.learning_rate": LEARNING_RATE})
     out = str(tmp_path / "search")
-    command = cli("--config", path, "--max-trials", "3", "--steps-per-trial", "2",
+    command = cli("--config", path, "--max-trials", "4", "--steps-per-trial", "2",
                   "--output-dir", out)
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and first.poll() is None:
             if os.path.isdir(os.path.join(out, tuning.SEARCH_DIR)) and sum(
-                    r["status"] == "COMPLETED" for r in trial_records(out).values()) >= 1:
+                    r["status"] == "COMPLETED" for r in trial_records(out).values()) >= 2:
                 break
             time.sleep(0.2)
         assert first.poll() is None, "the search ended before it could be interrupted"
@@ -407,19 +407,19 @@ def test_interrupted_search_resumes_without_redoing_trials(tmp_path, corpus):
         first.kill()
         first.wait()
     done_before = {i: r for i, r in trial_records(out).items() if r["status"] == "COMPLETED"}
-    assert 1 <= len(done_before) < 3
+    assert 2 <= len(done_before) < 4
     assert not os.path.exists(os.path.join(out, "metadata.json"))
 
     subprocess.run(command, check=True, timeout=240, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     records = trial_records(out)
-    assert sorted(records) == ["0", "1", "2"]
+    assert sorted(records) == ["0", "1", "2", "3"]
     assert all(r["status"] == "COMPLETED" for r in records.values())
     for trial_id, record in done_before.items():  # not redone
         assert records[trial_id]["pid"] == first.pid
-    assert sum(r["pid"] != first.pid for r in records.values()) == 3 - len(done_before)
+    assert sum(r["pid"] != first.pid for r in records.values()) == 4 - len(done_before)
     with open(os.path.join(out, tuning.RESULTS_JSON)) as f:
-        assert len(json.load(f)["trials"]) == 3
+        assert len(json.load(f)["trials"]) == 4
 
 
 @pytest.mark.slow
