@@ -1,5 +1,7 @@
 """`x @ kernel + bias` over the last axis: no shape arithmetic in dynamic-shape graphs, and
 on TensorFlow a kernel gradient computed in the orientation oneDNN runs faster."""
+import math
+
 import keras
 from keras import ops
 
@@ -36,9 +38,7 @@ def linear(x, kernel, bias=None):
     ((2, 3, 5), 5.0)
     """
     static = None not in x.shape
-    rows = 1
-    for size in x.shape[:-1]:
-        rows *= size or 0
+    rows = math.prod(x.shape[:-1]) if static else None
     if (static and rows >= HAND_GRADIENT_MIN_ROWS
             and keras.backend.backend() == "tensorflow"):
         y = kernel_gradient_product(ops.reshape(x, (rows, x.shape[-1])), kernel)
