@@ -508,6 +508,12 @@ class SearchTuner(keras_tuner.Tuner):
 
     def run_trial(self, trial, *args, **kwargs):
         trial_dir = self.get_trial_dir(trial.trial_id)
+        finished = self._finished_metrics(trial_dir)
+        if finished is not None:
+            # Killed after the trial's record was written and before the oracle saved the
+            # trial as ended: the oracle hands it out again. Report it as it was; its
+            # record (who ran it, time, memory) stays.
+            return _reported_metrics(finished, self.oracle.objective.name)
         steps = self.trial_steps(trial.hyperparameters)
         values = self.space.trial_values(trial.hyperparameters)
         record = {"trial_id": trial.trial_id, "tuner_id": self.tuner_id, "pid": os.getpid(),
@@ -537,6 +543,17 @@ class SearchTuner(keras_tuner.Tuner):
             self._child_usage = None
             artifacts.write_json(os.path.join(trial_dir, RUN_FILE), record)
             self._reasons[trial.trial_id] = record.get("reason")
+
+    @staticmethod
+    def _finished_metrics(trial_dir):
+        """The metrics of a trial that completed before an interruption, else None."""
+        record_path = os.path.join(trial_dir, RUN_FILE)
+        model_dir = os.path.join(trial_dir, "model")
+        if not (os.path.exists(record_path) and artifacts.is_complete(model_dir)):
+            return None
+        if artifacts.read_json(record_path).get("status") != "COMPLETED":
+            return None
+        return artifacts.read_json(os.path.join(model_dir, artifacts.METRICS_FILE))
 
     def on_trial_end(self, trial):
         # KerasTuner shows trial.message (a whole traceback); show the one-line reason
