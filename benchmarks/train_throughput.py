@@ -164,13 +164,17 @@ def masked_lm_step(ids, with_segments):
 
 
 def masked_lm_flops(model, shape):
-    """6 N_body + 12 L T D + 6 (V D + D D) P / T: the embedding tables are lookups, and the
-    MLM head (dense + tied projection) runs on the P = 15% masked positions only."""
+    """6 N_body + 12 L T D + 6 (V D + D D) P / T. N_body is what every token passes through:
+    all parameters but the embedding tables (lookups), the pooler (on `[CLS]` only, outside
+    the masked-LM loss) and the MLM head, which runs on the P = 15% masked positions only:
+    its dense layer and its projection, tied to the token table (so not a parameter of its
+    own: subtracting it again would undercount the body by V D)."""
     vocab, width, seq = shape["vocab"], shape["width"], shape["seq"]
-    tables = (vocab + seq + 2) * width  # token, position, segment embeddings
-    head = vocab * width + width * width
-    body = count_parameters(model) - tables - head
+    tables = (vocab + seq + 2) * width  # token (also the head's projection), position, segment
+    dense = width * width + width  # the pooler's, and the head's dense layer
+    body = count_parameters(model) - tables - 2 * dense
     predictions = max(1, round(MASK_RATE * seq))
+    head = vocab * width + width * width
     return 6 * body + attention_flops(shape) + 6 * head * predictions / seq
 
 
@@ -367,7 +371,9 @@ def main():
           "masked LMs count the MLM head on predicted positions only)")
     name = args.name or ("train_throughput" + ("_quick" if args.quick else ""))
     print("wrote", benchlib.write_result(name, args, {
-        "flops_formula": "6*N + 12*L*T*D per token; N = trainable params - position table",
+        "flops_formula": "6*N + 12*L*T*D per token; causal LM: N = trainable params - position "
+                         "table; masked LM: N = params - embedding tables - pooler - MLM head, "
+                         "plus 6*(V*D + D*D) on the 15% predicted positions",
         "compute_dtype": compute_dtype,
         "peak_matmul_size": args.peak_size,
         "peak_measured_tflops": peak_measured / 1e12,
