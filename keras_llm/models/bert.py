@@ -209,6 +209,29 @@ class BertBackbone(keras.Model):
         return cls(**arguments)
 
 
+def gather_positions(sequence, positions):
+    """`sequence[b, positions[b, p]]`: the `(batch, predictions, width)` rows of a
+    `(batch, length, width)` sequence at `positions` `(batch, predictions)`, each in
+    `[0, length)`.
+
+    One gather from the flattened sequence. `keras.ops.take_along_axis` broadcasts the
+    positions to the full width and moves the length axis last: two transposes of the whole
+    sequence output forward and two more backward (8.3 -> 3.6 ms forward + backward at the
+    small BERT shape, 8 x 256 x 512 with 38 positions, on 2 CPU cores).
+
+    Example:
+
+    >>> x = keras.ops.reshape(keras.ops.arange(12.0), (2, 3, 2))
+    >>> keras.ops.convert_to_numpy(gather_positions(x, keras.ops.array([[2], [0]]))).tolist()
+    [[[4.0, 5.0]], [[6.0, 7.0]]]
+    """
+    positions = ops.cast(positions, "int32")
+    batch, length, width = ops.shape(sequence)
+    rows = positions + ops.arange(batch, dtype="int32")[:, None] * length
+    picked = ops.take(ops.reshape(sequence, (-1, width)), ops.reshape(rows, (-1,)), axis=0)
+    return ops.reshape(picked, (batch, -1, width))
+
+
 @keras.saving.register_keras_serializable(package="keras_llm")
 class MaskedLMHead(keras.layers.Layer):
     """Logits at the masked positions: gather -> dense + activation -> norm -> tied output.
@@ -251,8 +274,7 @@ class MaskedLMHead(keras.layers.Layer):
             name="output_bias", shape=(self.token_embedding.input_dim,), initializer="zeros")
 
     def call(self, sequence_output, mask_positions):
-        x = ops.take_along_axis(sequence_output, ops.cast(mask_positions, "int32")[..., None],
-                                axis=1)
+        x = gather_positions(sequence_output, mask_positions)
         x = self.norm(self._activation_fn(self.transform(x)))
         logits = self.token_embedding(x, reverse=True)
         return logits + ops.cast(self.output_bias, logits.dtype)

@@ -100,6 +100,31 @@ def test_masked_lm_logits_are_tied_to_the_token_embedding():
     assert untied.count_params() == model.count_params() + 16 * VOCABULARY
 
 
+def test_gather_positions_is_take_along_axis_with_its_gradient_and_any_batch():
+    rng = np.random.default_rng(0)
+    sequence = tf.constant(rng.normal(size=(3, 7, 5)), "float32")
+    positions = tf.constant(rng.integers(0, 7, size=(3, 4)), "int32")  # repeats too
+    upstream = tf.constant(rng.normal(size=(3, 4, 5)), "float32")
+
+    def value_and_gradient(gather):
+        @tf.function(input_signature=[tf.TensorSpec((None, None, 5)),
+                                      tf.TensorSpec((None, None), tf.int32)])
+        def run(sequence, positions):  # batch and length unknown, as in an export
+            with tf.GradientTape() as tape:
+                tape.watch(sequence)
+                picked = gather(sequence, positions)
+                loss = tf.reduce_sum(picked * upstream)
+            return picked, tf.convert_to_tensor(tape.gradient(loss, sequence))
+
+        return [t.numpy() for t in run(sequence, positions)]
+
+    expected = value_and_gradient(
+        lambda x, p: ops.take_along_axis(x, p[..., None], axis=1))
+    got = value_and_gradient(bert_module.gather_positions)
+    np.testing.assert_allclose(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-6)
+
+
 def test_next_sentence_head_and_training_lower_the_loss():
     model = BertMaskedLM(make_backbone(), next_sentence_prediction=True)
     x = inputs()
