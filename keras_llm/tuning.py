@@ -548,12 +548,10 @@ class SearchTuner(keras_tuner.Tuner):
     def _finished_metrics(trial_dir):
         """The metrics of a trial that completed before an interruption, else None."""
         record_path = os.path.join(trial_dir, RUN_FILE)
-        model_dir = os.path.join(trial_dir, "model")
-        if not (os.path.exists(record_path) and artifacts.is_complete(model_dir)):
+        if not (os.path.exists(record_path)
+                and artifacts.read_json(record_path).get("status") == "COMPLETED"):
             return None
-        if artifacts.read_json(record_path).get("status") != "COMPLETED":
-            return None
-        return artifacts.read_json(os.path.join(model_dir, artifacts.METRICS_FILE))
+        return _completed_metrics(os.path.join(trial_dir, "model"))
 
     def on_trial_end(self, trial):
         # KerasTuner shows trial.message (a whole traceback); show the one-line reason
@@ -563,8 +561,9 @@ class SearchTuner(keras_tuner.Tuner):
         super().on_trial_end(trial)
 
     def _run_executor(self, config, model_dir):
-        if artifacts.is_complete(model_dir):  # finished before an interruption
-            return artifacts.read_json(os.path.join(model_dir, artifacts.METRICS_FILE))
+        metrics = _completed_metrics(model_dir)  # finished before an interruption
+        if metrics is not None:
+            return metrics
         arguments = dict(
             tokenizer_path=self.tokenizer_path, patience=self.patience,
             objective=self.oracle.objective.name, direction=self.oracle.objective.direction,
@@ -599,6 +598,13 @@ class SearchTuner(keras_tuner.Tuner):
         finally:
             keras_tuner_config.DEBUG = debug
 
+
+
+def _completed_metrics(model_dir):
+    """The metrics of the complete model artifact in `model_dir`, else None."""
+    if not artifacts.is_complete(model_dir):
+        return None
+    return artifacts.read_json(os.path.join(model_dir, artifacts.METRICS_FILE))
 
 
 def run_executor(target, resolved, model_dir, tokenizer_path=None, patience=None,
