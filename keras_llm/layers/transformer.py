@@ -1,7 +1,7 @@
 """Transformer encoder and decoder blocks, pre- or post-layer-norm."""
 import keras
 
-from keras_llm.layers.activations import gelu, gelu_tanh
+from keras_llm.layers.activations import gelu, gelu_tanh, relu
 from keras_llm.layers.attention import MultiHeadAttention, cache_length, merge_masks
 from keras_llm.layers.linear import linear
 from keras_llm.layers.normalization import LayerNormalization
@@ -10,7 +10,7 @@ from keras_llm.layers.validation import check_positive, check_rate, check_shape
 ACTIVATIONS = {
     "gelu": gelu,
     "gelu_tanh": gelu_tanh,  # GPT-2's
-    "relu": keras.activations.relu,
+    "relu": relu,
 }
 
 
@@ -60,10 +60,12 @@ class FeedForward(keras.layers.Layer):
             use_bias=self.use_bias, dtype=self.dtype_policy, name="output_dense")
         self.output_dense.build((*input_shape[:-1], self.intermediate_size))
 
-    def call(self, x):
+    def call(self, x, training=None):
         # The Dense layers hold the weights; `linear` applies them (see its docstring).
+        # In training the activation's forward pass is one fused loop (exports trace with
+        # training off, so a SavedModel keeps plain ops).
         hidden = self._activation_fn(linear(x, self.intermediate_dense.kernel,
-                                            self.intermediate_dense.bias))
+                                            self.intermediate_dense.bias), training=training)
         return linear(hidden, self.output_dense.kernel, self.output_dense.bias)
 
     def get_config(self):
@@ -141,7 +143,7 @@ class _TransformerBlock(keras.layers.Layer):
         return y if self.norm_first else norm(y)
 
     def _feedforward_sublayer(self, x, training):
-        y = self.feedforward(self._enter(x, self.feedforward_norm))
+        y = self.feedforward(self._enter(x, self.feedforward_norm), training=training)
         return self._leave(y, x, self.feedforward_norm, training)
 
     def compute_output_shape(self, input_shape, *args, **kwargs):

@@ -8,14 +8,16 @@ import keras
 from keras_llm.layers.activations import gelu, gelu_tanh
 
 
+@pytest.mark.parametrize("training", [False, True])  # True: the forward pass fused as well
 @pytest.mark.parametrize("ours, approximate", [(gelu_tanh, True), (gelu, False)])
-def test_values_and_gradients_equal_keras(ours, approximate):
+def test_values_and_gradients_equal_keras(ours, approximate, training):
     # float32 only: Keras' GELU rounds its constants to float32 even for float64 inputs.
     tolerance = 2e-6
     x = tf.constant(np.linspace(-9.0, 9.0, 1203).reshape(3, 401), "float32")
     upstream = tf.constant(np.random.default_rng(0).normal(size=(3, 401)), "float32")
     results = []
-    for function in (ours, lambda v: keras.activations.gelu(v, approximate=approximate)):
+    for function in (lambda v: ours(v, training=training),
+                     lambda v: keras.activations.gelu(v, approximate=approximate)):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = function(x)
@@ -31,7 +33,7 @@ def test_second_call_inside_a_compiled_function_and_half_precision():
     def step(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = tf.reduce_sum(gelu_tanh(x) + gelu(x))
+            y = tf.reduce_sum(gelu_tanh(x) + gelu(x, training=True))
         return y, tape.gradient(y, x)
 
     x = tf.constant([[-1.0, 0.0, 2.0]], tf.bfloat16)

@@ -178,6 +178,7 @@ def test_feedforward_matches_numpy():
     # GPT-2's tanh approximation of GELU.
     h = 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
     assert_close(layer(x), h @ w2 + b2)
+    assert_close(layer(x, training=True), h @ w2 + b2)  # the fused forward pass
 
 
 @pytest.mark.parametrize("layer", [

@@ -130,9 +130,11 @@ def test_config_refuses_a_family_the_task_cannot_train():
         load_config("bert-tiny", overrides={"data.masking": "sometimes"})
 
 
-# A few hundred steps on the built-in corpus per family (the "shown by").
-FAST_RUN = {"train.steps": 200, "train.eval_every": 100, "train.eval_steps": 4,
-            "train.warmup_steps": 20, "train.batch_size": 16, "model.vocab_size": 1024,
+# A hundred steps on the built-in corpus per family (the "shown by"). At 100 steps
+# each family beats the required 0.5-nat drop with room: RoBERTa's validation loss drops
+# 0.73 nats, BERT's 0.89, seq2seq's 1.07 (2026-11-27; 200 steps took twice the CI time).
+FAST_RUN = {"train.steps": 100, "train.eval_every": 50, "train.eval_steps": 4,
+            "train.warmup_steps": 10, "train.batch_size": 16, "model.vocab_size": 1024,
             "data.seq_len": 64, "model.max_length": 64, "model.hidden_size": 64,
             "model.intermediate_size": 256, "model.num_layers": 2, "model.num_heads": 2}
 
