@@ -5,6 +5,7 @@ import keras
 from keras import ops
 from keras_hub.layers import RotaryEmbedding
 
+from keras_llm.layers.activations import upstream_gradient
 from keras_llm.layers.linear import linear
 from keras_llm.layers.validation import check_positive, check_rate, check_shape
 
@@ -80,6 +81,64 @@ def merge_masks(padding_mask=None, attention_mask=None):
         attention_mask = ops.cast(attention_mask, "bool")
         mask = attention_mask if mask is None else ops.logical_and(mask, attention_mask)
     return mask
+
+
+def _softmax_scores(q, k, mask):
+    """Float32 attention probabilities `softmax(where(mask, q k^T, -1e9))` of scaled queries."""
+    scores = ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), "float32")
+    if mask is not None:
+        scores = ops.where(mask, scores, -1e9)
+    return ops.softmax(scores, axis=-1)
+
+
+def attention_core(q, k, v, mask=None, scale=1.0, causal_only=False):
+    """`softmax(where(mask, scale q k^T, -1e9)) v` for `(batch, heads, length, head_dim)`
+    tensors, with a hand-written gradient; the softmax runs in float32.
+
+    Differentiated op by op, the softmax and the mask cost five passes over the
+    `(batch, heads, queries, keys)` scores in the backward pass (the mask's select, then
+    the softmax gradient's product, row sum, difference and product). Written out it costs
+    two: the row sum `sum_j p_ij dp_ij` is taken as `do_i . o_i`, as FlashAttention does (a
+    sum over the head dimension of the outputs, not over the keys), and there is no select
+    (a masked probability is exactly 0, so its gradient already is). A gpt-small layer's
+    attention core, forward and backward on 2 CPU cores: 42.4 -> 37.0 ms.
+
+    A query whose keys are all masked attends uniformly (every score is -1e9) and must get
+    no gradient through its scores; unless `causal_only` says the mask is the causal one
+    (every query sees itself), such rows are found and their score gradient zeroed.
+
+    Example:
+
+    >>> q = k = v = keras.ops.ones((1, 1, 2, 4))
+    >>> keras.ops.shape(attention_core(q, k, v, causal_mask(2, 2)[None, None], 0.5))
+    (1, 1, 2, 4)
+    """
+
+    @ops.custom_gradient
+    def core(q, k, v):
+        scaled = q * scale
+        probs = _softmax_scores(scaled, k, mask)
+        compute_probs = ops.cast(probs, v.dtype)
+        output = ops.matmul(compute_probs, v)
+
+        def gradient(*args, upstream=None):
+            d_output = upstream_gradient(args, upstream)
+            d_scores_output = d_output
+            if mask is not None and not causal_only:
+                live = ops.any(mask, axis=-1, keepdims=True)  # a query with a visible key
+                d_scores_output = ops.where(live, d_output, ops.zeros_like(d_output))
+            d_probs = ops.cast(ops.matmul(d_scores_output, ops.transpose(v, (0, 1, 3, 2))),
+                               "float32")
+            row_sum = ops.sum(ops.cast(d_scores_output, "float32") * ops.cast(output, "float32"),
+                              axis=-1, keepdims=True)
+            d_scores = ops.cast(probs * (d_probs - row_sum), q.dtype)
+            return (ops.matmul(d_scores, k) * scale,
+                    ops.matmul(ops.transpose(d_scores, (0, 1, 3, 2)), scaled),
+                    ops.matmul(ops.transpose(compute_probs, (0, 1, 3, 2)), d_output))
+
+        return output, gradient
+
+    return core(q, k, v)
 
 
 @keras.saving.register_keras_serializable(package="keras_llm")
@@ -334,12 +393,13 @@ class MultiHeadAttention(keras.layers.Layer):
         # einsum (oneDNN's) costs about 0.24 ms per call on a one-token decoding step,
         # where these take a fraction of that, and in training it is no faster; the keys'
         # transpose folds into the matmul (adjoint).
-        scores = ops.matmul(q * (1.0 / math.sqrt(self.key_dim)),
-                            ops.transpose(k, (0, 1, 3, 2)))  # (batch, heads, T, S)
-        scores = ops.cast(scores, "float32")  # softmax in float32 under mixed precision
-        if mask is not None:
-            scores = ops.where(mask, scores, -1e9)
-        probs = ops.softmax(scores, axis=-1)
+        scale = 1.0 / math.sqrt(self.key_dim)
+        if training and not self.dropout and keras.backend.backend() == "tensorflow":
+            # Training without dropout on the probabilities: the same values with the
+            # written-out gradient. Exports and decoding (training off) keep plain ops.
+            return self._heads_first(
+                attention_core(q, k, v, mask, scale, causal_only=is_causal))
+        probs = _softmax_scores(q * scale, k, mask)  # (batch, heads, T, S)
         probs = self._dropout_layer(ops.cast(probs, v.dtype), training=training)
         return self._heads_first(ops.matmul(probs, v))
 

@@ -202,6 +202,42 @@ def test_dropout_path_equals_fused_path_at_rate_zero_and_drops_in_training():
         dropping(x, use_causal_mask=True, training=True) - inference))) > 1e-3
 
 
+@pytest.mark.parametrize("case", ["causal", "padding", "causal_padding", "fully_masked",
+                                  "cross", "no_mask"])
+def test_training_gradient_equals_the_traced_one(case):
+    # In training (no dropout) the layer runs `attention_core`, whose gradient is written out;
+    # at inference the plain ops. Same values, and the same gradients for the input and every
+    # weight, with every kind of mask, a query that sees no key included.
+    import tensorflow as tf
+
+    cross = case == "cross"
+    layer, _ = attention_pair(value_length=SOURCE_LENGTH if cross else None)
+    x = tf.constant(random_normal((BATCH, LENGTH, HIDDEN), seed=1))
+    memory = tf.constant(random_normal((BATCH, SOURCE_LENGTH, HIDDEN), seed=2))
+    keys = SOURCE_LENGTH if cross else LENGTH
+    mask = np.broadcast_to(padding([keys, 3], keys)[:, None, :], (BATCH, LENGTH, keys)).copy()
+    if case == "fully_masked":
+        mask[:, 1] = False  # query 1 sees nothing
+    kwargs = {"use_causal_mask": case.startswith("causal"),
+              "attention_mask": None if case in ("causal", "no_mask") else mask}
+    upstream = tf.constant(random_normal((BATCH, LENGTH, HIDDEN), seed=4))
+    results = []
+    for training in (False, True):
+        with tf.GradientTape() as tape:
+            tape.watch([x, memory])
+            y = layer(x, memory, training=training, **kwargs) if cross else layer(
+                x, training=training, **kwargs)
+        results.append([y] + tape.gradient(y, [x, memory] + layer.trainable_variables,
+                                           output_gradients=upstream))
+    plain, written_out = results
+    assert (written_out[2] is not None) == cross  # only cross-attention reads the memory
+    for expected, actual in zip(plain, written_out):
+        if expected is None:
+            assert actual is None
+        else:
+            assert_close(actual, expected)
+
+
 def test_config_round_trip():
     layer = MultiHeadAttention(num_heads=3, key_dim=4, value_dim=5, output_dim=6, dropout=0.1,
                                use_bias=False, name="attention")
