@@ -11,7 +11,7 @@ states of all real tokens ("mean").
 import keras
 from keras import ops
 
-from keras_llm.models.bert import BertBackbone
+from keras_llm.models.bert import BertBackbone, gather_positions
 from keras_llm.models.gpt import GPTBackbone
 
 POOLINGS = {"cls": (BertBackbone,), "last": (GPTBackbone,), "mean": (BertBackbone, GPTBackbone)}
@@ -20,7 +20,7 @@ POOLINGS = {"cls": (BertBackbone,), "last": (GPTBackbone,), "mean": (BertBackbon
 def pool_last_token(hidden, padding_mask):
     """The state at each row's last True position of `padding_mask` `(batch, hidden)`."""
     last = ops.sum(ops.cast(padding_mask, "int32"), axis=1) - 1
-    return ops.take_along_axis(hidden, ops.maximum(last, 0)[:, None, None], axis=1)[:, 0]
+    return gather_positions(hidden, ops.maximum(last, 0)[:, None])[:, 0]
 
 
 def pool_mean(hidden, padding_mask):

@@ -22,6 +22,9 @@ def test_masked_pooling_by_hand():
     mask = np.array([[True, True, False], [True, True, True]])
     np.testing.assert_allclose(pool_last_token(hidden, mask), [[2, 3], [10, 11]])
     np.testing.assert_allclose(pool_mean(hidden, mask), [[1, 2], [8, 9]])
+    # A row without a real token reads position 0 (not the previous row's last state).
+    np.testing.assert_allclose(pool_last_token(hidden, mask & [[True], [False]]),
+                               [[2, 3], [6, 7]])
 
 
 def test_default_pooling_follows_the_backbone():
