@@ -238,6 +238,34 @@ def test_training_gradient_equals_the_traced_one(case):
             assert_close(actual, expected)
 
 
+def test_training_core_in_bfloat16_follows_the_traced_one():
+    # Mixed precision: bfloat16 products, float32 softmax. The written-out row sum uses the
+    # bfloat16 output (as FlashAttention does), so the two agree to bfloat16 rounding.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    q, k, v, upstream = (tf.constant(rng.normal(size=(2, 2, 6, 4)), tf.bfloat16)
+                         for _ in range(4))
+    mask = tf.constant(padding([6, 4], 6)[:, None, None, :])
+
+    def traced(q, k, v):
+        probs = attention_module._softmax_scores(q * 0.5, k, mask)
+        return ops.matmul(ops.cast(probs, v.dtype), v)
+
+    results = []
+    for function in (traced, lambda q, k, v: attention_module.attention_core(q, k, v, mask,
+                                                                             0.5)):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            y = function(q, k, v)
+        results.append([y] + tape.gradient(y, [q, k, v], output_gradients=upstream))
+    for expected, actual in zip(*results):
+        assert actual.dtype == tf.bfloat16
+        np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(actual, "float32")),
+                                   ops.convert_to_numpy(ops.cast(expected, "float32")),
+                                   atol=0.06, rtol=0.03)
+
+
 def test_config_round_trip():
     layer = MultiHeadAttention(num_heads=3, key_dim=4, value_dim=5, output_dim=6, dropout=0.1,
                                use_bias=False, name="attention")
