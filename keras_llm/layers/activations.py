@@ -40,19 +40,21 @@ def upstream_gradient(args, upstream):
 def _gated(gate, gradient_of):
     """`x * gate(x)`, differentiated by `gradient_of(x, upstream)`: a pair of functions of
     `x`, the forward pass as plain ops and as one fused loop."""
-    fused_forward = fused(lambda x: x * gate(x))
 
-    def differentiated(forward):
+    def forward(x):
+        return x * gate(x)
+
+    def differentiated(compute):
         @ops.custom_gradient
         def activation(x):
             def gradient(*args, upstream=None):
                 return gradient_of(x, upstream_gradient(args, upstream))
 
-            return forward(x), gradient
+            return compute(x), gradient
 
         return activation
 
-    return differentiated(lambda x: x * gate(x)), differentiated(fused_forward)
+    return differentiated(forward), differentiated(fused(forward))
 
 
 def _gelu_tanh_sigmoid(x):
