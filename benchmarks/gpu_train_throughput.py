@@ -1,8 +1,9 @@
-"""Training tokens/s and MFU on one GPU with JAX in bf16: our GPT vs keras-hub's GPT2, one run.
+"""Training tokens/s and MFU on one GPU with JAX in bf16: our GPT and BERT vs keras-hub's, one run.
 
 The GPU form of `train_throughput.py`, and it reuses that script's model builders (our
-`GPTCausalLM`; keras-hub's `GPT2Backbone` with its tied LM head), FLOPs formula
-(`6 N + 12 L T D` per token), optimizer (the product's AdamW) and loss
+`GPTCausalLM` and `BertMaskedLM`; keras-hub's `GPT2CausalLM` and `BertMaskedLM` on their
+backbones), FLOPs formulas (`6 N + 12 L T D` per token, the masked-LM head counted on the
+15% predicted positions only), masked-LM batches, optimizer (the product's AdamW) and loss
 (`SparseCategoricalCrossentropy(from_logits=True)`), on the same random token batches.
 Differences: `KERAS_BACKEND=jax` and the `mixed_bfloat16` policy, and each model is trained
 by one jitted stateless step (Keras' JAX training-loop recipe: `stateless_call` under
@@ -17,7 +18,7 @@ peak (989 TFLOP/s for an H100 SXM or H200; `--peak-tflops` overrides it) and a s
 `--peak-size` bf16 matmul measured in the same run. Shapes run in order and each one's
 results are written as soon as it finishes; a shape is skipped when the previous shape's
 duration would take the run past `--budget-s` (device time on a remote run is short), and
-one that fails (out of memory) is recorded while the others still run.
+a shape or a model that fails (out of memory) is recorded while the others still run.
 
     KERAS_BACKEND=jax python benchmarks/gpu_train_throughput.py                 # GPU
     KERAS_BACKEND=jax python benchmarks/gpu_train_throughput.py --quick         # CPU smoke run
@@ -47,7 +48,7 @@ SHAPES = {
     "medium": dict(vocab=50304, layers=24, width=1024, heads=16, seq=1024, batch=16),
     "quick": train_throughput.SHAPES["quick"],
 }
-MODELS = ["gpt", "keras_hub_gpt2"]
+MODELS = ["gpt", "keras_hub_gpt2", "bert", "keras_hub_bert"]
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, in TFLOP/s; the first
 # name contained in `device_kind` wins.
@@ -60,6 +61,8 @@ def parse_args():
     benchlib.add_common_arguments(parser)
     parser.add_argument("--shapes", default=None,
                         help="comma list of " + ", ".join(SHAPES) + " (small,small_b32)")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma list of " + ", ".join(MODELS) + " (all)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per model and shape (50)")
     parser.add_argument("--windows", type=int, default=None, help="timed windows (5)")
@@ -79,6 +82,10 @@ def parse_args():
     if args.steps < args.windows:
         benchlib.fail(f"--steps must be at least --windows ({args.windows}); got {args.steps}")
     args.window_steps = args.steps // args.windows
+    args.models = args.models.split(",")
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        benchlib.fail(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     args.warmup_steps = args.warmup_steps or (1 if quick else 2)
     args.peak_size = args.peak_size or (256 if quick else 8192)
     return args
@@ -135,8 +142,8 @@ def prepare(name, shape, batches, args):
     keras.utils.set_random_seed(args.seed)
     model, make_step, model_flops = train_throughput.MODEL_BUILDERS[name][0](shape)
     steps = [jax.device_put(make_step(b)) for b in batches]
-    if not model.built:
-        model.build(np.shape(steps[0][0]))
+    if not model.built:  # a subclassed model has no weights until its first call
+        model(steps[0][0])
     total_steps = args.warmup_steps + args.windows * args.window_steps
     optimizer = make_optimizer(TrainConfig(warmup_steps=0), total_steps=total_steps)
     optimizer.build(model.trainable_variables)
@@ -165,12 +172,21 @@ def run_steps(contender, count):
     return float(loss)
 
 
-def run_shape(shape_name, args):
+def run_shape(shape_name, args, skipped):
+    """Times every model that builds and compiles at this shape; one that fails (out of
+    memory, say) is recorded in `skipped` as `"shape/model"` while the others still run."""
     shape = SHAPES[shape_name]
     rng = np.random.default_rng(args.seed)
     batches = [rng.integers(0, shape["vocab"], size=(shape["batch"], shape["seq"] + 1),
                             dtype=np.int32) for _ in range(4)]
-    contenders = [prepare(name, shape, batches, args) for name in MODELS]
+    contenders = []
+    for name in args.models:
+        try:
+            contenders.append(prepare(name, shape, batches, args))
+        except Exception as e:  # noqa: BLE001  (recorded; the other models still run)
+            key = f"{shape_name}/{name}"
+            skipped[key] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(f"note: {key} {skipped[key]}")
     tokens_per_window = args.window_steps * shape["batch"] * shape["seq"]
     for _ in range(args.windows):
         for c in contenders:
@@ -231,7 +247,9 @@ def write(args, rows, skipped, peaks):
         "device_kind": device.device_kind,
         "device_platform": device.platform,
         "xla_python_client_mem_fraction": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"],
-        "flops_formula": "6*N + 12*L*T*D per token; N = trainable params - position table",
+        "flops_formula": "GPT: 6*N + 12*L*T*D per token, N = trainable params - position "
+                         "table; BERT: 6*N_body + 12*L*T*D + 6*(V*D + D*D)*0.15 (the masked-LM "
+                         "head on the predicted positions only)",
         "training_step": "jitted stateless step (stateless_call, value_and_grad, "
                          "optimizer.stateless_apply), state donated; async dispatch",
         **peaks,
@@ -243,7 +261,8 @@ def write(args, rows, skipped, peaks):
 def run_shapes(args, started, peaks):
     """Runs the shapes in order, writing the results after each; a shape is skipped when
     the previous one's duration would take the run past `--budget-s`, or recorded as failed
-    (out of memory, say) while the others go on. Returns `(rows, {shape: why skipped})`."""
+    (out of memory, say) while the others go on. Returns `(rows, {shape or "shape/model":
+    why skipped})`."""
     rows, skipped, last_duration = [], {}, 0.0
     for shape_name in args.shapes:
         elapsed = time.perf_counter() - started
@@ -253,7 +272,7 @@ def run_shapes(args, started, peaks):
             continue
         try:
             with benchlib.Stopwatch() as shape_time:
-                rows.extend(run_shape(shape_name, args))
+                rows.extend(run_shape(shape_name, args, skipped))
         except Exception as e:  # noqa: BLE001  (recorded; the other shapes still run)
             skipped[shape_name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
             print(f"note: shape {shape_name} {skipped[shape_name]}")
@@ -287,7 +306,8 @@ def main():
     rows, skipped = run_shapes(args, started, peaks)
     path = write(args, rows, skipped, peaks)
     print_table(rows)
-    print("FLOPs/token = 6*N + 12*L*T*D (N: trainable params without the position table); "
+    print("FLOPs/token = 6*N + 12*L*T*D (N: trainable params without the position table; "
+          "BERT's masked-LM head counted on its 15% predicted positions only); "
           "MFU vs the nominal dense bf16 peak, MFU (matmul) vs the measured matmul")
     print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
 

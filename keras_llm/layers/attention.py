@@ -26,6 +26,24 @@ def causal_mask(query_length, key_length, start_index=0):
     return ops.greater_equal(query_positions, key_positions)
 
 
+def full_query_mask(mask, query_length):
+    """A `(batch, 1, queries or 1, keys)` mask broadcast to `(batch, 1, queries, keys)`.
+
+    JAX's cuDNN flash attention (behind `keras.ops.dot_product_attention` on GPU) takes a mask
+    only with the full query axis; given a padding mask's `(batch, 1, 1, keys)` it falls back
+    to XLA's unfused attention, which writes the `(batch, heads, T, S)` scores in float32
+    (BERT-base shape at length 1024 on an H200: 19.5% MFU).
+
+    Example:
+
+    >>> mask = keras.ops.convert_to_tensor([[[[True, False]]]])
+    >>> keras.ops.shape(full_query_mask(mask, 3))
+    (1, 1, 3, 2)
+    """
+    batch, heads, _, keys = ops.shape(mask)
+    return ops.broadcast_to(mask, (batch, heads, query_length, keys))
+
+
 def leading_shape(x):
     """`(batch, length)` of `x` for a reshape target: static sizes where known, and -1 for
     an unknown batch. In a shape-polymorphic graph (an exported signature's decoding loop,
@@ -213,7 +231,7 @@ class MultiHeadAttention(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.output_kernel_initializer = keras.initializers.get(
             output_kernel_initializer or kernel_initializer)
-        self._dropout_layer = keras.layers.Dropout(dropout)
+        self._dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         self.rotary_max_wavelength = rotary_max_wavelength
         self._rotary = None if rotary_max_wavelength is None else RotaryEmbedding(
             max_wavelength=rotary_max_wavelength, dtype=self.dtype_policy, name="rotary")
@@ -384,6 +402,8 @@ class MultiHeadAttention(keras.layers.Layer):
             keras.backend.backend() == "tensorflow")
         if not explicit:
             q, k, v = self._heads_first(q), self._heads_first(k), self._heads_first(v)
+            if mask is not None and keras.backend.backend() == "jax":
+                mask = full_query_mask(mask, ops.shape(q)[1])
             return ops.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
         if is_causal:
             mask = causal_mask(ops.shape(q)[2], ops.shape(k)[2])[None, None]

@@ -89,3 +89,29 @@ def kernel_gradient_product(x, kernel):
         return ops.matmul(x, kernel), gradient
 
     return product(x, kernel)
+
+
+def embedding_logits(table, hidden, product=linear):
+    """`table(hidden, reverse=True)` for a keras-hub `ReversibleEmbedding`: the output
+    projection onto the vocabulary, in the table's compute dtype, through `product`
+    (`linear`, or `keras.ops.matmul` where the hand gradient does not pay: few rows).
+
+    Keras' embedding layers opt out of autocasting, and a layer that does clears the
+    autocast scope when it is called inside another layer's call: there the reverse pass
+    multiplies by the float32 table, and so does a product with the table read directly.
+    Under a mixed policy the projection (for GPT-2 small a quarter of the step's FLOPs)
+    then runs in float32 and returns float32 logits. Cast, it runs in bfloat16 like every
+    other product; the losses take the logits to float32 themselves.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_hub.layers import ReversibleEmbedding
+    >>> table = ReversibleEmbedding(10, 4, dtype="mixed_bfloat16")
+    >>> table.build((None,))
+    >>> logits = embedding_logits(table, keras.ops.ones((2, 4), "bfloat16"))
+    >>> keras.backend.standardize_dtype(logits.dtype)
+    'bfloat16'
+    """
+    kernel = ops.transpose(table.embeddings) if table.tie_weights else table.reverse_embeddings
+    return product(hidden, ops.cast(kernel, table.compute_dtype))

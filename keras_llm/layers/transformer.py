@@ -100,7 +100,7 @@ class _TransformerBlock(keras.layers.Layer):
         self.output_kernel_initializer = keras.initializers.get(
             output_kernel_initializer or kernel_initializer)
         self.rotary_max_wavelength = rotary_max_wavelength
-        self._dropout_layer = keras.layers.Dropout(dropout)
+        self._dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def _attention(self, hidden, name, rotary=False):
         if hidden % self.num_heads:

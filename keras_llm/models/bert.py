@@ -12,6 +12,7 @@ from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 
 from keras_llm.layers import TransformerEncoderBlock
+from keras_llm.layers.linear import embedding_logits
 from keras_llm.layers.normalization import LayerNormalization
 from keras_llm.layers.position import add_positions, position_layer, rotary_max_wavelength
 from keras_llm.layers.transformer import get_activation
@@ -84,7 +85,7 @@ class BertBackbone(keras.Model):
             dtype=self.dtype_policy, name="segment_embedding") if num_segments else None
         self.embedding_norm = LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="embedding_norm")
-        self.embedding_dropout = keras.layers.Dropout(dropout)
+        self.embedding_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         self.embedding_projection = keras.layers.Dense(
             hidden_size, kernel_initializer=initializer(), dtype=self.dtype_policy,
             name="embedding_projection") if embedding_size != hidden_size else None
@@ -276,7 +277,9 @@ class MaskedLMHead(keras.layers.Layer):
     def call(self, sequence_output, mask_positions):
         x = gather_positions(sequence_output, mask_positions)
         x = self.norm(self._activation_fn(self.transform(x)))
-        logits = self.token_embedding(x, reverse=True)
+        # keras' matmul: at 15% of the positions the hand gradient of `linear` measured 1%
+        # slower in the BERT-small step on 2 CPU cores.
+        logits = embedding_logits(self.token_embedding, x, product=ops.matmul)
         return logits + ops.cast(self.output_bias, logits.dtype)
 
     def get_config(self):

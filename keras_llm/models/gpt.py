@@ -10,7 +10,7 @@ from keras_hub.layers import ReversibleEmbedding
 
 from keras_llm.layers import TransformerDecoderBlock
 from keras_llm.layers.attention import empty_kv_cache
-from keras_llm.layers.linear import linear
+from keras_llm.layers.linear import embedding_logits
 from keras_llm.layers.normalization import LayerNormalization
 from keras_llm.layers.position import add_positions, position_layer, rotary_max_wavelength
 from keras_llm.layers.validation import check_positive
@@ -83,7 +83,7 @@ class GPTBackbone(keras.Model):
             embeddings_initializer=initializer, dtype=self.dtype_policy, name="token_embedding")
         self.position_embedding = position_layer(position, max_length, initializer,
                                                  dtype=self.dtype_policy)
-        self.embedding_dropout = keras.layers.Dropout(dropout)
+        self.embedding_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         self.blocks = [
             TransformerDecoderBlock(
                 num_heads, intermediate_size, dropout=dropout, activation=activation,
@@ -154,11 +154,9 @@ class GPTBackbone(keras.Model):
                               self.hidden_size // self.num_heads, self.compute_dtype)
 
     def logits(self, hidden):
-        """Output projection: the token embedding's transpose (or, untied, its own kernel).
-        `ReversibleEmbedding(hidden, reverse=True)`'s product, through `linear`."""
-        table = self.token_embedding
-        kernel = ops.transpose(table.embeddings) if table.tie_weights else table.reverse_embeddings
-        return linear(hidden, kernel)
+        """Output projection: the token embedding's transpose (or, untied, its own kernel),
+        in the compute dtype (see `embedding_logits`)."""
+        return embedding_logits(self.token_embedding, hidden)
 
     def get_config(self):
         return {

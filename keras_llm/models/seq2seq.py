@@ -16,6 +16,7 @@ from keras_hub.layers import ReversibleEmbedding
 from keras_llm.errors import ArtifactError
 from keras_llm.layers import TransformerDecoderBlock, TransformerEncoderBlock
 from keras_llm.layers.attention import empty_kv_cache
+from keras_llm.layers.linear import embedding_logits
 from keras_llm.layers.normalization import LayerNormalization
 from keras_llm.layers.position import add_positions, position_layer, rotary_max_wavelength
 from keras_llm.models.vocabulary import check_tokenizer_matches
@@ -93,7 +94,7 @@ class Seq2SeqBackbone(keras.Model):
                                 name="target_token_embedding"))
         self.encoder_position = self._position(position, max_length, "encoder_position")
         self.decoder_position = self._position(position, max_length, "decoder_position")
-        self.embedding_dropout = keras.layers.Dropout(dropout)
+        self.embedding_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         block_options = dict(dropout=dropout, activation=activation, norm_first=norm_first,
                              layer_norm_epsilon=layer_norm_epsilon,
                              kernel_initializer=initializer,
@@ -211,8 +212,9 @@ class Seq2SeqBackbone(keras.Model):
         return x, tuple(updated)
 
     def logits(self, hidden):
-        """Output projection tied to the target (or shared) token embedding."""
-        return self.decoder_embedding(hidden, reverse=True)
+        """Output projection tied to the target (or shared) token embedding, in the compute
+        dtype (see `embedding_logits`)."""
+        return embedding_logits(self.decoder_embedding, hidden)
 
     def check_tokenizer(self, tokenizer, target_tokenizer=None):
         """Raises `ArtifactError` unless the tokenizers yield the ids this model was trained

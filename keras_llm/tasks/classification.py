@@ -73,7 +73,7 @@ class TextClassifier(keras.Model):
         self.num_classes = num_classes
         self.pooling = pooling
         self.dropout = dropout
-        self.head_dropout = keras.layers.Dropout(dropout)
+        self.head_dropout = keras.layers.Dropout(dropout, dtype=backbone.dtype_policy)
         self.output_layer = keras.layers.Dense(
             num_classes, kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
             dtype=backbone.dtype_policy, name="logits")

@@ -30,16 +30,21 @@ def test_gpu_train_throughput_quick_without_tensorflow(tmp_path):
     record = json.loads((tmp_path / "gpu_train_throughput_quick.json").read_text())
     assert record["backend"] == "jax" and record["dtype_policy"] == "mixed_bfloat16"
     rows = {r["model"]: r for r in record["rows"]}
-    assert set(rows) == {"gpt", "keras_hub_gpt2"}
+    assert set(rows) == {"gpt", "keras_hub_gpt2", "bert", "keras_hub_bert"}
+    assert record["shapes_skipped"] == {}
     assert rows["gpt"]["parameters"] == rows["keras_hub_gpt2"]["parameters"]
+    assert rows["bert"]["parameters"] == rows["keras_hub_bert"]["parameters"]
     layers, seq, width, vocab = 2, 32, 64, 512
     n = rows["gpt"]["parameters"] - seq * width
     assert rows["gpt"]["flops_per_token"] == 6 * n + 12 * layers * seq * width
+    # BERT's masked-LM head runs on 15% of the positions: fewer FLOPs per token than 6 N.
+    assert rows["bert"]["flops_per_token"] < 6 * rows["bert"]["parameters"]
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and len(row["windows_tokens_per_s"]) == 2
         assert 0 < row["mfu_vs_measured_peak"] < 1
         # Random tokens: a few steps leave the loss near ln(vocabulary).
         assert abs(row["last_loss"] - math.log(vocab)) < 1.0
-    assert rows["gpt"]["speedup_vs_keras_hub"] == pytest.approx(
-        rows["gpt"]["tokens_per_s"] / rows["keras_hub_gpt2"]["tokens_per_s"])
+    for ours, theirs in (("gpt", "keras_hub_gpt2"), ("bert", "keras_hub_bert")):
+        assert rows[ours]["speedup_vs_keras_hub"] == pytest.approx(
+            rows[ours]["tokens_per_s"] / rows[theirs]["tokens_per_s"])
     assert "vs keras-hub" in result.stdout

@@ -126,6 +126,16 @@ def test_padded_keys_are_ignored():
     assert_close(layer(changed, attention_mask=mask)[:, :3], layer(x, attention_mask=mask)[:, :3])
 
 
+def test_full_query_mask_repeats_a_padding_mask_over_queries():
+    padding = np.array([[True, True, False], [True, False, False]])[:, None, None, :]
+    full = ops.convert_to_numpy(attention_module.full_query_mask(padding, 4))
+    assert full.shape == (2, 1, 4, 3)
+    np.testing.assert_array_equal(full, np.broadcast_to(padding, (2, 1, 4, 3)))
+    per_query = np.tril(np.ones((4, 3), bool))[None, None]  # already full: unchanged
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(attention_module.full_query_mask(per_query, 4)), per_query)
+
+
 def test_causal_mask_and_merge_masks_values():
     np.testing.assert_array_equal(
         ops.convert_to_numpy(causal_mask(2, 4, start_index=1)),

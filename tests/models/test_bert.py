@@ -208,3 +208,13 @@ def test_a_mismatched_tokenizer_is_refused():
 
 def test_docstring_examples_run():
     assert doctest.testmod(bert_module).failed == 0
+
+
+def test_masked_lm_under_a_mixed_policy_runs_in_the_compute_dtype():
+    # Dropout layers left at the float32 policy turned the hidden states into float32, and
+    # the tied projection, called inside the head, multiplied by the float32 table.
+    model = BertMaskedLM(make_backbone(dtype="mixed_bfloat16", dropout=0.1))
+    for training in (False, True):
+        logits = model(inputs(), training=training)
+        assert keras.backend.standardize_dtype(logits.dtype) == "bfloat16"
+        assert np.all(np.isfinite(ops.convert_to_numpy(ops.cast(logits, "float32"))))

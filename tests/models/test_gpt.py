@@ -219,3 +219,18 @@ def test_compiled_decoding_step_with_tensor_cache_index(position):
     _, _, cache = step(ids[:, :4], cache, tf.constant(0))
     step_logits, _, _ = step(ids[:, 4:5], cache, tf.constant(4))
     assert_close(step_logits[:, 0], model(ids)[:, 4])
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_output_projection_runs_in_the_compute_dtype(tie_embeddings):
+    # Read outside the embedding layer's call the table is float32: without a cast the
+    # mixed-precision LM head, a quarter of GPT-2 small's FLOPs, ran in float32.
+    model = make_lm(dtype="mixed_bfloat16", tie_embeddings=tie_embeddings)
+    logits = model(token_ids())
+    assert keras.backend.standardize_dtype(logits.dtype) == "bfloat16"
+    table = model.backbone.token_embedding
+    kernel = ops.transpose(table.embeddings) if tie_embeddings else table.reverse_embeddings
+    hidden = model.backbone(token_ids())
+    expected = ops.matmul(ops.cast(hidden, "float32"),
+                          ops.cast(ops.cast(kernel, "bfloat16"), "float32"))
+    assert_close(ops.cast(logits, "float32"), expected, tolerance=0.05)

@@ -274,3 +274,13 @@ def test_with_target_vocabulary_keeps_every_other_weight():
 
 def test_docstring_examples_run():
     assert doctest.testmod(seq2seq_module).failed == 0
+
+
+def test_mixed_policy_model_runs_in_the_compute_dtype():
+    # With dropout layers left at the float32 policy a model-level mixed policy failed
+    # (a float32 + bfloat16 residual add); the tied projection multiplied by the float32 table.
+    model = make_lm(dtype="mixed_bfloat16", dropout=0.1)
+    for training in (False, True):
+        logits = model(inputs(), training=training)
+        assert keras.backend.standardize_dtype(logits.dtype) == "bfloat16"
+        assert np.all(np.isfinite(ops.convert_to_numpy(ops.cast(logits, "float32"))))
