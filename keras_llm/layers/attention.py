@@ -31,8 +31,9 @@ def full_query_mask(mask, query_length):
 
     JAX's cuDNN flash attention (behind `keras.ops.dot_product_attention` on GPU) takes a mask
     only with the full query axis; given a padding mask's `(batch, 1, 1, keys)` it falls back
-    to XLA's unfused attention, which writes the `(batch, heads, T, S)` scores in float32
-    (BERT-base shape at length 1024 on an H200: 19.5% MFU).
+    to XLA's unfused attention, which writes the `(batch, heads, T, S)` scores in float32.
+    Our BERT at the BERT-base size, length 1024, batch 16, on an H200: 292k tokens/s (MFU
+    19.5%) unfused, 489k (32.6%) with the mask broadcast.
 
     Example:
 
