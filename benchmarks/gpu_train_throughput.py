@@ -142,8 +142,8 @@ def prepare(name, shape, batches, args):
     keras.utils.set_random_seed(args.seed)
     model, make_step, model_flops = train_throughput.MODEL_BUILDERS[name][0](shape)
     steps = [jax.device_put(make_step(b)) for b in batches]
-    if not model.built:  # a subclassed model has no weights until its first call
-        model(steps[0][0])
+    if not model.built:  # subclassed: weights from the input shapes (a dict for BERT)
+        model.build(keras.tree.map_structure(np.shape, steps[0][0]))
     total_steps = args.warmup_steps + args.windows * args.window_steps
     optimizer = make_optimizer(TrainConfig(warmup_steps=0), total_steps=total_steps)
     optimizer.build(model.trainable_variables)
