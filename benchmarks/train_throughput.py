@@ -28,7 +28,8 @@ Model FLOPs utilization (PaLM, appendix B; nanoGPT's `estimate_mfu`), for causal
 N = trainable parameters without the position table (the tied token embedding counts once:
 it is the LM head's matmul); L layers, T sequence length, D width; the second term is the
 attention score and value matmuls (counted without the causal halving); masked LMs use
-`masked_lm_flops` (the same, with the MLM head counted on predicted positions only). MFU = achieved
+`masked_lm_flops` (the same, with the last block's query side and the MLM head counted on
+the predicted positions only: what the loss needs). MFU = achieved
 FLOP/s / peak, with the peak measured in the same run (a square `--peak-size` matmul in the
 compute dtype) or given by `--peak-tflops` (e.g. 989 for an H100 SXM's bf16 dense peak).
 
@@ -164,18 +165,28 @@ def masked_lm_step(ids, with_segments):
 
 
 def masked_lm_flops(model, shape):
-    """6 N_body + 12 L T D + 6 (V D + D D) P / T. N_body is what every token passes through:
-    all parameters but the embedding tables (lookups), the pooler (on `[CLS]` only, outside
-    the masked-LM loss) and the MLM head, which runs on the P = 15% masked positions only:
-    its dense layer and its projection, tied to the token table (so not a parameter of its
-    own: subtracting it again would undercount the body by V D)."""
-    vocab, width, seq = shape["vocab"], shape["width"], shape["seq"]
+    """The FLOPs a masked-LM training step needs, per input token. The loss reads the last
+    block's outputs at the P = 15% predicted positions only, so all of the model but the
+    last block's query side runs on every token (6 N + 12 T D per layer, as for a causal
+    LM), and that query side (query projection, attention scores and values, output
+    projection, feed-forward layer, norms) and the MLM head (dense layer and tied output
+    projection) on P / T of them. Our BERT computes just that (plus `[CLS]`'s row for the
+    pooler); keras-hub's runs its last block on every position, work this does not count.
+
+    The body's parameters are all but the embedding tables (lookups), the pooler (on
+    `[CLS]` only, outside the masked-LM loss) and the MLM head (the output projection is
+    tied to the token table, so not a parameter of its own: subtracting it again would
+    undercount the body by V D)."""
+    vocab, width, seq, layers = shape["vocab"], shape["width"], shape["seq"], shape["layers"]
     tables = (vocab + seq + 2) * width  # token (also the head's projection), position, segment
     dense = width * width + width  # the pooler's, and the head's dense layer
     body = count_parameters(model) - tables - 2 * dense
-    predictions = max(1, round(MASK_RATE * seq))
+    block = (body - 2 * width) / layers  # the embedding norm's scale and offset aside
+    query_side = block - 2 * (width * width + width)  # all of a block but its key and value
+    predicted = max(1, round(MASK_RATE * seq)) / seq
     head = vocab * width + width * width
-    return 6 * body + attention_flops(shape) + 6 * head * predictions / seq
+    every_token = 6 * (body - query_side) + 12 * (layers - 1) * seq * width
+    return every_token + predicted * (6 * query_side + 12 * seq * width + 6 * head)
 
 
 def build_bert(shape):
@@ -368,12 +379,15 @@ def main():
         ["shape", "model", "recipe", "jit", "params", "tokens/s", "ms/step", "GFLOP/s", "MFU",
          "vs keras-hub", "paired", "cpu ms/step", "cpu-time vs keras-hub", "warmup s"], table))
     print("FLOPs/token = 6*N + 12*L*T*D (N: trainable params without the position table; "
-          "masked LMs count the MLM head on predicted positions only)")
+          "masked LMs count the last block's query side and the MLM head on predicted "
+          "positions only)")
     name = args.name or ("train_throughput" + ("_quick" if args.quick else ""))
     print("wrote", benchlib.write_result(name, args, {
         "flops_formula": "6*N + 12*L*T*D per token; causal LM: N = trainable params - position "
                          "table; masked LM: N = params - embedding tables - pooler - MLM head, "
-                         "plus 6*(V*D + D*D) on the 15% predicted positions",
+                         "the last block's query side (all of it but the key and value "
+                         "projections, attention included) and 6*(V*D + D*D) for the MLM "
+                         "head counted on the 15% predicted positions only",
         "compute_dtype": compute_dtype,
         "peak_matmul_size": args.peak_size,
         "peak_measured_tflops": peak_measured / 1e12,

@@ -54,6 +54,29 @@ def leading_shape(x):
     return batch, ops.shape(x)[1] if x.shape[1] is None else x.shape[1]
 
 
+def gather_positions(sequence, positions):
+    """`sequence[b, positions[b, p]]`: the `(batch, predictions, width)` rows of a
+    `(batch, length, width)` sequence at `positions` `(batch, predictions)`, each in
+    `[0, length)`.
+
+    One gather from the flattened sequence. `keras.ops.take_along_axis` broadcasts the
+    positions to the full width and moves the length axis last: two transposes of the whole
+    sequence output forward and two more backward (8.3 -> 3.6 ms forward + backward at the
+    small BERT shape, 8 x 256 x 512 with 38 positions, on 2 CPU cores).
+
+    Example:
+
+    >>> x = keras.ops.reshape(keras.ops.arange(12.0), (2, 3, 2))
+    >>> keras.ops.convert_to_numpy(gather_positions(x, keras.ops.array([[2], [0]]))).tolist()
+    [[[4.0, 5.0]], [[6.0, 7.0]]]
+    """
+    positions = ops.cast(positions, "int32")
+    batch, length, width = ops.shape(sequence)
+    rows = positions + ops.arange(batch, dtype="int32")[:, None] * length
+    picked = ops.take(ops.reshape(sequence, (-1, width)), ops.reshape(rows, (-1,)), axis=0)
+    return ops.reshape(picked, (batch, -1, width))
+
+
 def split_cache(cache):
     """`(keys, values)` of a cache given as a pair or as one stacked `(batch, 2, ...)`
     tensor."""
@@ -302,7 +325,7 @@ class MultiHeadAttention(keras.layers.Layer):
         """`(batch, length, heads, head_dim)` <-> `(batch, heads, length, head_dim)`."""
         return ops.transpose(x, (0, 2, 1, 3))
 
-    def _self_attention_qkv(self, x):
+    def _self_attention_qkv(self, x, query_positions=None):
         # One matmul for q, k and v: on CPU three small GEMMs cost noticeably more than one.
         if self.fused:
             kernel = self.query_key_value_kernel
@@ -312,11 +335,17 @@ class MultiHeadAttention(keras.layers.Layer):
                                      axis=1)
             bias = ops.concatenate([self.query_bias, self.key_bias, self.value_bias]) if (
                 self.use_bias) else None
-        y = linear(x, kernel, bias)
         heads_key = self.num_heads * self.key_dim
-        # split, not three slices: its gradient is one concat, where each slice's gradient
-        # writes a full-width zero tensor (about 6% of a CPU training step).
-        q, k, v = ops.split(y, [heads_key, 2 * heads_key], axis=-1)
+        # split, not slices: its gradient is one concat, where each slice's gradient writes a
+        # full-width zero tensor (about 6% of a CPU training step).
+        if query_positions is None:
+            q, k, v = ops.split(linear(x, kernel, bias), [heads_key, 2 * heads_key], axis=-1)
+        else:  # queries only at the positions: two products, the kernel split in two
+            query_kernel, key_value_kernel = ops.split(kernel, [heads_key], axis=-1)
+            query_bias, key_value_bias = ops.split(bias, [heads_key]) if self.use_bias else (
+                None, None)
+            q = linear(gather_positions(x, query_positions), query_kernel, query_bias)
+            k, v = ops.split(linear(x, key_value_kernel, key_value_bias), [heads_key], axis=-1)
         return (self._split_heads(q, self.key_dim), self._split_heads(k, self.key_dim),
                 self._split_heads(v, self.value_dim))
 
@@ -327,22 +356,34 @@ class MultiHeadAttention(keras.layers.Layer):
                 self._heads_first(self._project(value, "value", self.value_dim)))
 
     def call(self, query, value=None, attention_mask=None, use_causal_mask=False, cache=None,
-             cache_index=None, training=None):
-        self._check_call_shapes(query, value, attention_mask, cache)
+             cache_index=None, training=None, query_positions=None):
+        """Attends from `query` to `value` (to `query` itself when omitted).
+
+        `query_positions` `(batch, P)`, self-attention without a cache or causal mask only:
+        only the rows of `query` at those positions ask (all rows are keys and values), and
+        the output is `(batch, P, output_dim)`. An `attention_mask` then has `P` rows.
+        """
+        self._check_call_shapes(query, value, attention_mask, cache, query_positions)
+        if query_positions is not None and (
+                value is not None or cache is not None or use_causal_mask):
+            raise ValueError("query_positions is for self-attention without a cache or a "
+                             "causal mask")
         stacked = cache is not None and not isinstance(cache, (tuple, list))
         if cache is not None and cache_index is None:
             # Cross-attention against precomputed encoder keys and values.
             q = self._project(query, "query", self.key_dim)
             k, v = split_cache(cache)
         elif value is None:
-            q, k, v = self._self_attention_qkv(query)
+            q, k, v = self._self_attention_qkv(query, query_positions)
         else:
             q = self._project(query, "query", self.key_dim)
             k = self._project(value, "key", self.key_dim)
             v = self._project(value, "value", self.value_dim)
         start = cache_index if cache is not None and cache_index is not None else 0
         if self._rotary is not None:
-            q, k = self._rotary(q, start_index=start), self._rotary(k, start_index=start)
+            q = self._rotary(q, start_index=start) if query_positions is None else (
+                self._rotary(q, positions=query_positions))
+            k = self._rotary(k, start_index=start)
         # From here on (batch, heads, length, head_dim), the cache's layout.
         query_length = ops.shape(q)[1]
         q = self._heads_first(q)
@@ -367,8 +408,12 @@ class MultiHeadAttention(keras.layers.Layer):
         output = linear(output, self.output_kernel, self.output_bias if self.use_bias else None)
         return output if cache is None else (output, cache)
 
-    def _check_call_shapes(self, query, value, attention_mask, cache):
+    def _check_call_shapes(self, query, value, attention_mask, cache, query_positions):
         batch, query_length = query.shape[0], query.shape[1]
+        if query_positions is not None:
+            check_shape(query_positions, "query_positions",
+                        (("batch", batch), ("positions", None)))
+            query_length = query_positions.shape[1]
         if isinstance(cache, (tuple, list)):
             if len(cache) != 2:
                 raise ValueError(f"cache must be a (key_cache, value_cache) pair or one tensor; "

@@ -1,8 +1,14 @@
 """Transformer encoder and decoder blocks, pre- or post-layer-norm."""
 import keras
+from keras import ops
 
 from keras_llm.layers.activations import gelu, gelu_tanh, relu
-from keras_llm.layers.attention import MultiHeadAttention, cache_length, merge_masks
+from keras_llm.layers.attention import (
+    MultiHeadAttention,
+    cache_length,
+    gather_positions,
+    merge_masks,
+)
 from keras_llm.layers.linear import linear
 from keras_llm.layers.normalization import LayerNormalization
 from keras_llm.layers.validation import check_positive, check_rate, check_shape
@@ -202,12 +208,26 @@ class TransformerEncoderBlock(_TransformerBlock):
         self.self_attention_norm = self._norm("self_attention_norm", input_shape)
         self._build_feedforward(input_shape)
 
-    def call(self, x, padding_mask=None, attention_mask=None, training=None):
+    def call(self, x, padding_mask=None, attention_mask=None, training=None,
+             output_positions=None):
+        """`x` `(batch, length, hidden)` -> the same shape, or with `output_positions`
+        `(batch, P)` only the outputs at those positions, `(batch, P, hidden)`: every
+        position is still a key and a value, but only those P ask, and the feed-forward
+        sublayer runs on them alone. A masked-LM's last block needs no more (see
+        `BertBackbone`)."""
         self._check_masks(x, x.shape[1], padding_mask, attention_mask)
         mask = merge_masks(padding_mask, attention_mask)
+        if output_positions is None:
+            residual = x
+        else:
+            output_positions = ops.cast(output_positions, "int32")
+            residual = gather_positions(x, output_positions)
+            if mask is not None and mask.shape[1] != 1:  # one row per query: keep theirs
+                mask = gather_positions(mask, output_positions)
         y = self.self_attention(self._enter(x, self.self_attention_norm),
-                                attention_mask=mask, training=training)
-        x = self._leave(y, x, self.self_attention_norm, training)
+                                attention_mask=mask, training=training,
+                                query_positions=output_positions)
+        x = self._leave(y, residual, self.self_attention_norm, training)
         return self._feedforward_sublayer(x, training)
 
 

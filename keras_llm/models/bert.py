@@ -12,6 +12,7 @@ from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 
 from keras_llm.layers import TransformerEncoderBlock
+from keras_llm.layers.attention import gather_positions
 from keras_llm.layers.linear import embedding_logits
 from keras_llm.layers.normalization import LayerNormalization
 from keras_llm.layers.position import add_positions, position_layer, rotary_max_wavelength
@@ -153,14 +154,32 @@ class BertBackbone(keras.Model):
             x = self.embedding_projection(x)
         return x
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, output_positions=None):
+        """The outputs of `inputs`; with `output_positions` `(batch, P)`, `sequence_output`
+        holds only the states at those positions, `(batch, P, hidden_size)`.
+
+        A masked-LM step reads the last block's outputs at the predicted positions alone
+        (and the pooler at `[CLS]`), so given them the last block computes no others: its
+        keys and values still cover every position, its queries, attention output and
+        feed-forward layer cover P + 1 rows. The values and gradients are the full model's.
+        """
         x = self.embed(inputs, training=training)
         padding_mask = inputs.get("padding_mask")
-        for block in self.blocks:
-            x = block(x, padding_mask=padding_mask, training=training)
+        positions = None
+        if output_positions is not None:  # [CLS] first, for the pooler
+            output_positions = ops.cast(output_positions, "int32")
+            positions = ops.concatenate(
+                [ops.zeros((ops.shape(output_positions)[0], 1), "int32"), output_positions],
+                axis=1)
+        for i, block in enumerate(self.blocks):
+            x = block(x, padding_mask=padding_mask, training=training,
+                      output_positions=positions if i == len(self.blocks) - 1 else None)
+        if positions is not None and not self.blocks:
+            x = gather_positions(x, positions)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return {"sequence_output": x, "pooled_output": self.pooler(x[:, 0, :])}
+        sequence = x if positions is None else x[:, 1:]
+        return {"sequence_output": sequence, "pooled_output": self.pooler(x[:, 0, :])}
 
     def check_tokenizer(self, tokenizer):
         """Raises `ArtifactError` unless `tokenizer` yields the ids this model was trained on."""
@@ -210,29 +229,6 @@ class BertBackbone(keras.Model):
         return cls(**arguments)
 
 
-def gather_positions(sequence, positions):
-    """`sequence[b, positions[b, p]]`: the `(batch, predictions, width)` rows of a
-    `(batch, length, width)` sequence at `positions` `(batch, predictions)`, each in
-    `[0, length)`.
-
-    One gather from the flattened sequence. `keras.ops.take_along_axis` broadcasts the
-    positions to the full width and moves the length axis last: two transposes of the whole
-    sequence output forward and two more backward (8.3 -> 3.6 ms forward + backward at the
-    small BERT shape, 8 x 256 x 512 with 38 positions, on 2 CPU cores).
-
-    Example:
-
-    >>> x = keras.ops.reshape(keras.ops.arange(12.0), (2, 3, 2))
-    >>> keras.ops.convert_to_numpy(gather_positions(x, keras.ops.array([[2], [0]]))).tolist()
-    [[[4.0, 5.0]], [[6.0, 7.0]]]
-    """
-    positions = ops.cast(positions, "int32")
-    batch, length, width = ops.shape(sequence)
-    rows = positions + ops.arange(batch, dtype="int32")[:, None] * length
-    picked = ops.take(ops.reshape(sequence, (-1, width)), ops.reshape(rows, (-1,)), axis=0)
-    return ops.reshape(picked, (batch, -1, width))
-
-
 @keras.saving.register_keras_serializable(package="keras_llm")
 class MaskedLMHead(keras.layers.Layer):
     """Logits at the masked positions: gather -> dense + activation -> norm -> tied output.
@@ -274,8 +270,12 @@ class MaskedLMHead(keras.layers.Layer):
         self.output_bias = self.add_weight(
             name="output_bias", shape=(self.token_embedding.input_dim,), initializer="zeros")
 
-    def call(self, sequence_output, mask_positions):
-        x = gather_positions(sequence_output, mask_positions)
+    def call(self, sequence_output, mask_positions=None):
+        """Logits `(batch, predictions, vocabulary)` at `mask_positions` of
+        `sequence_output`, or at every row of it when it holds only the masked positions
+        (`mask_positions` None: the backbone ran with `output_positions`)."""
+        x = sequence_output if mask_positions is None else gather_positions(
+            sequence_output, mask_positions)
         x = self.norm(self._activation_fn(self.transform(x)))
         # keras' matmul: at 15% of the positions the hand gradient of `linear` measured 1%
         # slower in the BERT-small step on 2 CPU cores.
@@ -335,8 +335,10 @@ class BertMaskedLM(keras.Model):
             self.next_sentence_head.build((token_shape[0], self.backbone.hidden_size))
 
     def call(self, inputs, training=None):
-        outputs = self.backbone(inputs, training=training)
-        logits = self.masked_lm_head(outputs["sequence_output"], inputs["mask_positions"])
+        # The backbone's last block computes the masked positions (and [CLS]) only.
+        outputs = self.backbone(inputs, training=training,
+                                output_positions=inputs["mask_positions"])
+        logits = self.masked_lm_head(outputs["sequence_output"])
         if self.next_sentence_head is None:
             return logits
         return {"mlm": logits, "nsp": self.next_sentence_head(outputs["pooled_output"])}

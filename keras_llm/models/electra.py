@@ -124,8 +124,10 @@ class ElectraPretrainer(keras.Model):
 
     def call(self, inputs, training=None):
         positions = ops.cast(inputs["mask_positions"], "int32")
-        generated = self.generator(inputs, training=training)["sequence_output"]
-        generator_logits = self.generator_head(generated, positions)
+        # The generator's last block computes the masked positions only.
+        generated = self.generator(inputs, training=training,
+                                   output_positions=positions)["sequence_output"]
+        generator_logits = self.generator_head(generated)
         batch, predictions = ops.shape(positions)[0], ops.shape(positions)[1]
         flat_logits = ops.reshape(ops.cast(generator_logits, "float32"),
                                   (batch * predictions, -1))

@@ -11,7 +11,8 @@ states of all real tokens ("mean").
 import keras
 from keras import ops
 
-from keras_llm.models.bert import BertBackbone, gather_positions
+from keras_llm.layers.attention import gather_positions
+from keras_llm.models.bert import BertBackbone
 from keras_llm.models.gpt import GPTBackbone
 
 POOLINGS = {"cls": (BertBackbone,), "last": (GPTBackbone,), "mean": (BertBackbone, GPTBackbone)}
@@ -89,11 +90,14 @@ class TextClassifier(keras.Model):
         padding_mask = inputs.get("padding_mask")
         if padding_mask is None:
             padding_mask = ops.ones_like(inputs["token_ids"], "bool")
+        if self.encoder and self.pooling == "cls":
+            # Only [CLS] is read: the last block computes no other position.
+            no_positions = ops.zeros_like(inputs["token_ids"][:, :0])
+            return self.backbone(inputs, training=training,
+                                 output_positions=no_positions)["pooled_output"]
         if self.encoder:
-            outputs = self.backbone(inputs, training=training)
-            if self.pooling == "cls":
-                return outputs["pooled_output"]
-            return pool_mean(outputs["sequence_output"], padding_mask)
+            return pool_mean(self.backbone(inputs, training=training)["sequence_output"],
+                             padding_mask)
         hidden = self.backbone(inputs["token_ids"], padding_mask, training=training)
         pool = pool_last_token if self.pooling == "last" else pool_mean
         return pool(hidden, padding_mask)

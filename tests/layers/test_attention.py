@@ -425,3 +425,69 @@ def test_rotary_config_round_trip_and_errors():
     with pytest.raises(ValueError, match="self-attention"):
         layer(random_normal((BATCH, LENGTH, HIDDEN)),
               random_normal((BATCH, SOURCE_LENGTH, HIDDEN)))
+
+
+POSITIONS = np.array([[0, 4, 2], [3, 3, 1]], "int32")  # any order, repeats too
+
+
+def rows_at(x, positions=POSITIONS):
+    return np.take_along_axis(ops.convert_to_numpy(x), positions[..., None], axis=1)
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+@pytest.mark.parametrize("mask", ["none", "padding", "per_query"])
+def test_query_positions_give_the_full_output_at_those_rows(rotary, mask):
+    layer = MultiHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM,
+                               rotary_max_wavelength=10_000 if rotary else None)
+    x = random_normal((BATCH, LENGTH, HIDDEN))
+    layer.build(x.shape)
+    randomize(layer)
+    full_mask = positions_mask = None
+    if mask == "padding":
+        full_mask = positions_mask = merge_masks(padding([LENGTH, 3], LENGTH))
+    elif mask == "per_query":
+        full_mask = np.random.default_rng(1).random((BATCH, LENGTH, LENGTH)) < 0.6
+        full_mask[:, :, 0] = True
+        positions_mask = rows_at(full_mask)
+    expected = rows_at(layer(x, attention_mask=full_mask))
+    got = layer(x, attention_mask=positions_mask, query_positions=POSITIONS)
+    assert ops.shape(got) == (BATCH, POSITIONS.shape[1], HIDDEN)
+    assert_close(got, expected)
+
+
+def test_query_positions_are_for_plain_self_attention_only():
+    layer = MultiHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM)
+    x = random_normal((BATCH, LENGTH, HIDDEN))
+    for arguments in ({"use_causal_mask": True}, {"value": x}):
+        with pytest.raises(ValueError, match="query_positions is for self-attention"):
+            layer(x, query_positions=POSITIONS, **arguments)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape"):
+        layer(x, attention_mask=np.ones((BATCH, LENGTH, LENGTH), bool),
+              query_positions=POSITIONS)  # a full mask: one row per position, not per query
+
+
+def test_gather_positions_is_take_along_axis_with_its_gradient_and_any_batch():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    sequence = tf.constant(rng.normal(size=(3, 7, 5)), "float32")
+    positions = tf.constant(rng.integers(0, 7, size=(3, 4)), "int32")  # repeats too
+    upstream = tf.constant(rng.normal(size=(3, 4, 5)), "float32")
+
+    def value_and_gradient(gather):
+        @tf.function(input_signature=[tf.TensorSpec((None, None, 5)),
+                                      tf.TensorSpec((None, None), tf.int32)])
+        def run(sequence, positions):  # batch and length unknown, as in an export
+            with tf.GradientTape() as tape:
+                tape.watch(sequence)
+                picked = gather(sequence, positions)
+                loss = tf.reduce_sum(picked * upstream)
+            return picked, tf.convert_to_tensor(tape.gradient(loss, sequence))
+
+        return [t.numpy() for t in run(sequence, positions)]
+
+    expected = value_and_gradient(
+        lambda x, p: ops.take_along_axis(x, p[..., None], axis=1))
+    got = value_and_gradient(attention_module.gather_positions)
+    np.testing.assert_allclose(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-6)

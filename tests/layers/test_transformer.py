@@ -124,6 +124,34 @@ def test_encoder_block_matches_keras_hub(norm_first):
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_output_positions_are_the_full_outputs_there_with_their_gradients(norm_first):
+    import tensorflow as tf
+
+    block, _ = encoder_pair(norm_first)
+    x = tf.constant(random_normal((BATCH, LENGTH, HIDDEN), seed=1))
+    masks = dict(padding_mask=padding([5, 3], LENGTH),
+                 attention_mask=np.tril(np.ones((BATCH, LENGTH, LENGTH), bool)))
+    positions = np.array([[4, 0], [2, 2]], "int32")
+    upstream = random_normal((BATCH, 2, HIDDEN), seed=2)
+
+    def outputs_and_gradients(outputs):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = outputs()
+            loss = tf.reduce_sum(y * upstream)
+        return y, tape.gradient(loss, [x, *block.trainable_variables])
+
+    # training=True: the hand-written attention gradient, as in a training step
+    expected, expected_gradients = outputs_and_gradients(lambda: tf.gather(
+        block(x, training=True, **masks), positions, batch_dims=1))
+    got, gradients = outputs_and_gradients(
+        lambda: block(x, training=True, output_positions=positions, **masks))
+    assert_close(got, expected)
+    for actual, wanted in zip(gradients, expected_gradients, strict=True):
+        assert_close(tf.convert_to_tensor(actual), tf.convert_to_tensor(wanted), 1e-4)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
 def test_decoder_only_block_matches_keras_hub(norm_first):
     block, reference = decoder_pair(norm_first, cross_attention=False)
     x = random_normal((BATCH, LENGTH, HIDDEN), seed=1)

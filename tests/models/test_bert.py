@@ -100,29 +100,52 @@ def test_masked_lm_logits_are_tied_to_the_token_embedding():
     assert untied.count_params() == model.count_params() + 16 * VOCABULARY
 
 
-def test_gather_positions_is_take_along_axis_with_its_gradient_and_any_batch():
-    rng = np.random.default_rng(0)
-    sequence = tf.constant(rng.normal(size=(3, 7, 5)), "float32")
-    positions = tf.constant(rng.integers(0, 7, size=(3, 4)), "int32")  # repeats too
-    upstream = tf.constant(rng.normal(size=(3, 4, 5)), "float32")
+@pytest.mark.parametrize("overrides", [{}, {"norm_first": True}, {"position": "rotary"},
+                                       {"num_layers": 1}])
+def test_masked_lm_last_block_at_the_positions_equals_the_full_model(overrides):
+    """BertMaskedLM runs its last block at the masked positions (and [CLS]) only: logits,
+    NSP logits and every gradient equal those of the full backbone's outputs gathered."""
+    model = BertMaskedLM(make_backbone(**overrides), next_sentence_prediction=True)
+    x = inputs()
 
-    def value_and_gradient(gather):
-        @tf.function(input_signature=[tf.TensorSpec((None, None, 5)),
-                                      tf.TensorSpec((None, None), tf.int32)])
-        def run(sequence, positions):  # batch and length unknown, as in an export
-            with tf.GradientTape() as tape:
-                tape.watch(sequence)
-                picked = gather(sequence, positions)
-                loss = tf.reduce_sum(picked * upstream)
-            return picked, tf.convert_to_tensor(tape.gradient(loss, sequence))
+    def outputs_and_gradients(outputs):
+        with tf.GradientTape() as tape:
+            mlm, nsp = outputs()
+            loss = tf.reduce_sum(mlm * mlm) + tf.reduce_sum(nsp * nsp)
+        return (mlm, nsp), tape.gradient(loss, model.trainable_variables)
 
-        return [t.numpy() for t in run(sequence, positions)]
+    def full():
+        sequence = model.backbone(x, training=True)
+        return (model.masked_lm_head(sequence["sequence_output"], x["mask_positions"]),
+                model.next_sentence_head(sequence["pooled_output"]))
 
-    expected = value_and_gradient(
-        lambda x, p: ops.take_along_axis(x, p[..., None], axis=1))
-    got = value_and_gradient(bert_module.gather_positions)
-    np.testing.assert_allclose(got[0], expected[0])
-    np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-6)
+    def fewer():
+        outputs = model(x, training=True)
+        return outputs["mlm"], outputs["nsp"]
+
+    (mlm, nsp), gradients = outputs_and_gradients(fewer)
+    (expected_mlm, expected_nsp), expected_gradients = outputs_and_gradients(full)
+    np.testing.assert_allclose(mlm, expected_mlm, atol=1e-5)
+    np.testing.assert_allclose(nsp, expected_nsp, atol=1e-5)
+    assert len(gradients) == len(expected_gradients)
+    for got, expected in zip(gradients, expected_gradients):
+        np.testing.assert_allclose(tf.convert_to_tensor(got), tf.convert_to_tensor(expected),
+                                   atol=1e-5)
+
+
+def test_output_positions_select_sequence_rows_and_keep_the_pooled_output():
+    backbone = make_backbone()
+    x = inputs()
+    full = backbone(x)
+    picked = backbone(x, output_positions=x["mask_positions"])
+    np.testing.assert_allclose(
+        picked["sequence_output"],
+        np.take_along_axis(ops.convert_to_numpy(full["sequence_output"]),
+                           x["mask_positions"][..., None], axis=1), atol=1e-5)
+    none = backbone(x, output_positions=np.zeros((BATCH, 0), "int32"))
+    assert ops.shape(none["sequence_output"]) == (BATCH, 0, 16)
+    for outputs in (picked, none):
+        np.testing.assert_allclose(outputs["pooled_output"], full["pooled_output"], atol=1e-5)
 
 
 def test_next_sentence_head_and_training_lower_the_loss():

@@ -37,6 +37,14 @@ def test_default_pooling_follows_the_backbone():
         TextClassifier(GPTBackbone(**SIZES), 1)
 
 
+def test_cls_pooling_is_the_full_backbones_pooled_output():
+    keras.utils.set_random_seed(0)
+    model = TextClassifier(BertBackbone(**dict(SIZES, num_layers=2)), 3)
+    # the last block computes [CLS] alone; the pooled vector is the full backbone's
+    np.testing.assert_allclose(model.pooled(inputs()),
+                               model.backbone(inputs())["pooled_output"], atol=1e-5)
+
+
 def test_gpt_last_token_reads_only_real_tokens():
     keras.utils.set_random_seed(0)
     model = TextClassifier(GPTBackbone(**SIZES), 3, dropout=0.0)
