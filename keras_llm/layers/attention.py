@@ -359,15 +359,14 @@ class MultiHeadAttention(keras.layers.Layer):
              cache_index=None, training=None, query_positions=None):
         """Attends from `query` to `value` (to `query` itself when omitted).
 
-        `query_positions` `(batch, P)`, self-attention without a cache or causal mask only:
-        only the rows of `query` at those positions ask (all rows are keys and values), and
-        the output is `(batch, P, output_dim)`. An `attention_mask` then has `P` rows.
+        `query_positions` `(batch, P)`, self-attention without a cache only: only the rows
+        of `query` at those positions ask (all rows are keys and values; with the causal
+        mask, those up to each position), and the output is `(batch, P, output_dim)`. An
+        `attention_mask` then has `P` rows.
         """
         self._check_call_shapes(query, value, attention_mask, cache, query_positions)
-        if query_positions is not None and (
-                value is not None or cache is not None or use_causal_mask):
-            raise ValueError("query_positions is for self-attention without a cache or a "
-                             "causal mask")
+        if query_positions is not None and (value is not None or cache is not None):
+            raise ValueError("query_positions is for self-attention without a cache")
         stacked = cache is not None and not isinstance(cache, (tuple, list))
         if cache is not None and cache_index is None:
             # Cross-attention against precomputed encoder keys and values.
@@ -399,9 +398,14 @@ class MultiHeadAttention(keras.layers.Layer):
         mask = attention_mask
         # Without a cache or another mask, the backend's own causal path is used (on GPU it
         # can pick a fused kernel); otherwise the causal constraint joins the explicit mask.
-        is_causal = use_causal_mask and cache is None and mask is None
+        is_causal = use_causal_mask and cache is None and mask is None and (
+            query_positions is None)
         if use_causal_mask and not is_causal:
-            causal = causal_mask(query_length, ops.shape(k)[2], start)[None]
+            if query_positions is None:
+                causal = causal_mask(query_length, ops.shape(k)[2], start)[None]
+            else:  # each query sees the keys up to its own position
+                causal = ops.greater_equal(ops.cast(query_positions, "int32")[:, :, None],
+                                           ops.arange(ops.shape(k)[2], dtype="int32"))
             mask = causal if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal)
         output = self._attend(q, k, v, mask, is_causal, training)
         output = ops.reshape(output, (*leading_shape(output), self.num_heads * self.value_dim))

@@ -141,6 +141,18 @@ class _TransformerBlock(keras.layers.Layer):
         check_shape(attention_mask, "attention_mask",
                     (("batch", batch), ("queries", length), ("keys", key_length)))
 
+    @staticmethod
+    def _rows_at(x, mask, output_positions):
+        """`(residual, mask, positions)` of a block computing its outputs at
+        `output_positions` only (all rows when None): the residual rows there, and a mask
+        with one row per query cut to those rows."""
+        if output_positions is None:
+            return x, mask, None
+        output_positions = ops.cast(output_positions, "int32")
+        if mask is not None and mask.shape[1] != 1:
+            mask = gather_positions(mask, output_positions)
+        return gather_positions(x, output_positions), mask, output_positions
+
     def _enter(self, x, norm):
         return norm(x) if self.norm_first else x
 
@@ -216,14 +228,8 @@ class TransformerEncoderBlock(_TransformerBlock):
         sublayer runs on them alone. A masked-LM's last block needs no more (see
         `BertBackbone`)."""
         self._check_masks(x, x.shape[1], padding_mask, attention_mask)
-        mask = merge_masks(padding_mask, attention_mask)
-        if output_positions is None:
-            residual = x
-        else:
-            output_positions = ops.cast(output_positions, "int32")
-            residual = gather_positions(x, output_positions)
-            if mask is not None and mask.shape[1] != 1:  # one row per query: keep theirs
-                mask = gather_positions(mask, output_positions)
+        residual, mask, output_positions = self._rows_at(
+            x, merge_masks(padding_mask, attention_mask), output_positions)
         y = self.self_attention(self._enter(x, self.self_attention_norm),
                                 attention_mask=mask, training=training,
                                 query_positions=output_positions)
@@ -291,7 +297,12 @@ class TransformerDecoderBlock(_TransformerBlock):
 
     def call(self, x, encoder_outputs=None, padding_mask=None, attention_mask=None,
              encoder_padding_mask=None, self_attention_cache=None, cache_index=None,
-             cross_attention_cache=None, use_causal_mask=True, training=None):
+             cross_attention_cache=None, use_causal_mask=True, training=None,
+             output_positions=None):
+        """`x` `(batch, length, hidden)` -> the same shape (and the updated cache when
+        decoding), or with `output_positions` `(batch, P)` (no cache) only the outputs at
+        those positions, `(batch, P, hidden)`, as in `TransformerEncoderBlock`: a
+        classifier reading one position needs no more of the last block."""
         key_length = (x.shape[1] if self_attention_cache is None
                       else cache_length(self_attention_cache))
         self._check_masks(x, key_length, padding_mask, attention_mask)
@@ -300,14 +311,15 @@ class TransformerDecoderBlock(_TransformerBlock):
             raise ValueError(
                 "encoder_outputs and cross_attention_cache need a block built with "
                 "cross_attention=True")
-        mask = merge_masks(padding_mask, attention_mask)
+        residual, mask, output_positions = self._rows_at(
+            x, merge_masks(padding_mask, attention_mask), output_positions)
         attended = self.self_attention(
             self._enter(x, self.self_attention_norm), attention_mask=mask,
             use_causal_mask=use_causal_mask, cache=self_attention_cache,
-            cache_index=cache_index, training=training)
+            cache_index=cache_index, training=training, query_positions=output_positions)
         if self_attention_cache is not None:
             attended, self_attention_cache = attended
-        x = self._leave(attended, x, self.self_attention_norm, training)
+        x = self._leave(attended, residual, self.self_attention_norm, training)
 
         if self.cross_attention:
             if encoder_outputs is None and cross_attention_cache is None:

@@ -128,10 +128,14 @@ class GPTBackbone(keras.Model):
     def _finish(self, x):
         return x if self.final_norm is None else self.final_norm(x)
 
-    def call(self, token_ids, padding_mask=None, training=None):
+    def call(self, token_ids, padding_mask=None, training=None, output_positions=None):
+        """Hidden states `(batch, length, hidden_size)`; with `output_positions`
+        `(batch, P)` only those at the positions, `(batch, P, hidden_size)`, the last block
+        computing no others (a classifier reading the last token uses it)."""
         x = self._embed(token_ids, training=training)
-        for block in self.blocks:
-            x = block(x, padding_mask=padding_mask, training=training)
+        for i, block in enumerate(self.blocks):
+            x = block(x, padding_mask=padding_mask, training=training,
+                      output_positions=output_positions if i == len(self.blocks) - 1 else None)
         return self._finish(x)
 
     def call_with_cache(self, token_ids, cache, cache_index):

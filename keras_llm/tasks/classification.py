@@ -11,17 +11,16 @@ states of all real tokens ("mean").
 import keras
 from keras import ops
 
-from keras_llm.layers.attention import gather_positions
 from keras_llm.models.bert import BertBackbone
 from keras_llm.models.gpt import GPTBackbone
 
 POOLINGS = {"cls": (BertBackbone,), "last": (GPTBackbone,), "mean": (BertBackbone, GPTBackbone)}
 
 
-def pool_last_token(hidden, padding_mask):
-    """The state at each row's last True position of `padding_mask` `(batch, hidden)`."""
-    last = ops.sum(ops.cast(padding_mask, "int32"), axis=1) - 1
-    return gather_positions(hidden, ops.maximum(last, 0)[:, None])[:, 0]
+def last_token_positions(padding_mask):
+    """Each row's last True position of `padding_mask`, `(batch, 1)`; 0 in a row without
+    one (its first position, not the previous row's last)."""
+    return ops.maximum(ops.sum(ops.cast(padding_mask, "int32"), axis=1) - 1, 0)[:, None]
 
 
 def pool_mean(hidden, padding_mask):
@@ -98,9 +97,11 @@ class TextClassifier(keras.Model):
         if self.encoder:
             return pool_mean(self.backbone(inputs, training=training)["sequence_output"],
                              padding_mask)
-        hidden = self.backbone(inputs["token_ids"], padding_mask, training=training)
-        pool = pool_last_token if self.pooling == "last" else pool_mean
-        return pool(hidden, padding_mask)
+        if self.pooling == "last":  # the last block computes the last real token alone
+            return self.backbone(inputs["token_ids"], padding_mask, training=training,
+                                 output_positions=last_token_positions(padding_mask))[:, 0]
+        return pool_mean(self.backbone(inputs["token_ids"], padding_mask, training=training),
+                         padding_mask)
 
     def call(self, inputs, training=None):
         pooled = self.head_dropout(self.pooled(inputs, training), training=training)

@@ -455,10 +455,23 @@ def test_query_positions_give_the_full_output_at_those_rows(rotary, mask):
     assert_close(got, expected)
 
 
-def test_query_positions_are_for_plain_self_attention_only():
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_query_positions_under_the_causal_mask_see_the_keys_up_to_their_own(with_padding):
+    layer = MultiHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM, rotary_max_wavelength=10_000)
+    x = random_normal((BATCH, LENGTH, HIDDEN))
+    layer.build(x.shape)
+    randomize(layer)
+    mask = merge_masks(padding([LENGTH, 3], LENGTH)) if with_padding else None
+    expected = rows_at(layer(x, attention_mask=mask, use_causal_mask=True))
+    got = layer(x, attention_mask=mask, use_causal_mask=True, query_positions=POSITIONS)
+    assert_close(got, expected)
+
+
+def test_query_positions_are_for_self_attention_without_a_cache_only():
     layer = MultiHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM)
     x = random_normal((BATCH, LENGTH, HIDDEN))
-    for arguments in ({"use_causal_mask": True}, {"value": x}):
+    cache = ops.zeros((BATCH, 2, HEADS, LENGTH, HEAD_DIM))
+    for arguments in ({"cache": cache, "cache_index": 0}, {"value": x}):
         with pytest.raises(ValueError, match="query_positions is for self-attention"):
             layer(x, query_positions=POSITIONS, **arguments)
     with pytest.raises(ValueError, match=r"attention_mask must have shape"):

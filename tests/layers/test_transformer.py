@@ -124,13 +124,15 @@ def test_encoder_block_matches_keras_hub(norm_first):
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_encoder_output_positions_are_the_full_outputs_there_with_their_gradients(norm_first):
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_output_positions_are_the_full_outputs_there_with_their_gradients(kind, norm_first):
     import tensorflow as tf
 
-    block, _ = encoder_pair(norm_first)
+    block, _ = encoder_pair(norm_first) if kind == "encoder" else decoder_pair(norm_first, False)
     x = tf.constant(random_normal((BATCH, LENGTH, HIDDEN), seed=1))
-    masks = dict(padding_mask=padding([5, 3], LENGTH),
-                 attention_mask=np.tril(np.ones((BATCH, LENGTH, LENGTH), bool)))
+    masks = dict(padding_mask=padding([5, 3], LENGTH))
+    if kind == "encoder":  # a decoder block adds its causal mask itself
+        masks["attention_mask"] = np.tril(np.ones((BATCH, LENGTH, LENGTH), bool))
     positions = np.array([[4, 0], [2, 2]], "int32")
     upstream = random_normal((BATCH, 2, HIDDEN), seed=2)
 

@@ -60,6 +60,18 @@ def test_call_with_cache_equals_full_forward_pass(overrides):
         assert_close(step_hidden[:, 0], hidden[:, index])
 
 
+@pytest.mark.parametrize("overrides", [{}, {"position": "rotary"}, {"num_layers": 1},
+                                       {"norm_first": False}])
+def test_output_positions_are_the_full_hidden_states_there(overrides):
+    backbone = make_lm(**overrides).backbone
+    ids = token_ids()
+    mask = np.arange(LENGTH)[None] < np.array([[LENGTH], [5]])
+    positions = np.array([[7, 2], [4, 4]], "int32")
+    expected = np.take_along_axis(ops.convert_to_numpy(backbone(ids, mask)),
+                                  positions[..., None], axis=1)
+    assert_close(backbone(ids, mask, output_positions=positions), expected)
+
+
 def test_logits_are_tied_to_the_token_embedding():
     model = make_lm()
     ids = token_ids()

@@ -5,7 +5,7 @@ import pytest
 
 from keras_llm.models import BertBackbone, GPTBackbone
 from keras_llm.tasks import TextClassifier
-from keras_llm.tasks.classification import pool_last_token, pool_mean
+from keras_llm.tasks.classification import last_token_positions, pool_mean
 
 SIZES = dict(vocabulary_size=40, num_layers=1, num_heads=2, hidden_size=8,
              intermediate_size=16, max_length=6)
@@ -20,11 +20,10 @@ def inputs(batch=2):
 def test_masked_pooling_by_hand():
     hidden = np.arange(2 * 3 * 2, dtype="float32").reshape(2, 3, 2)
     mask = np.array([[True, True, False], [True, True, True]])
-    np.testing.assert_allclose(pool_last_token(hidden, mask), [[2, 3], [10, 11]])
+    np.testing.assert_array_equal(last_token_positions(mask), [[1], [2]])
     np.testing.assert_allclose(pool_mean(hidden, mask), [[1, 2], [8, 9]])
     # A row without a real token reads position 0 (not the previous row's last state).
-    np.testing.assert_allclose(pool_last_token(hidden, mask & [[True], [False]]),
-                               [[2, 3], [6, 7]])
+    np.testing.assert_array_equal(last_token_positions(mask & [[True], [False]]), [[1], [0]])
 
 
 def test_default_pooling_follows_the_backbone():
@@ -43,6 +42,15 @@ def test_cls_pooling_is_the_full_backbones_pooled_output():
     # the last block computes [CLS] alone; the pooled vector is the full backbone's
     np.testing.assert_allclose(model.pooled(inputs()),
                                model.backbone(inputs())["pooled_output"], atol=1e-5)
+
+
+def test_last_pooling_is_the_full_backbones_state_at_the_last_real_token():
+    keras.utils.set_random_seed(0)
+    model = TextClassifier(GPTBackbone(**dict(SIZES, num_layers=2)), 3)
+    x = inputs()
+    # the last block computes the last real token alone; its state is the full backbone's
+    hidden = model.backbone(x["token_ids"], x["padding_mask"])
+    np.testing.assert_allclose(model.pooled(x), np.asarray(hidden)[[0, 1], [2, 5]], atol=1e-5)
 
 
 def test_gpt_last_token_reads_only_real_tokens():
