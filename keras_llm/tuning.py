@@ -64,7 +64,9 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 import typing
@@ -658,7 +660,8 @@ def run_in_child(target, resolved, model_dir, arguments):
     if os.path.exists(outcome_path):
         os.remove(outcome_path)
     process = multiprocessing.get_context("spawn").Process(
-        target=_child_main, args=(target, resolved, model_dir, arguments, outcome_path))
+        target=_child_main,
+        args=(target, resolved, model_dir, arguments, outcome_path, os.getpid()))
     process.start()
     process.join()
     if not os.path.exists(outcome_path):
@@ -676,7 +679,31 @@ def run_in_child(target, resolved, model_dir, arguments):
     return outcome["metrics"], outcome["memory"]
 
 
-def _child_main(target, resolved, model_dir, arguments, outcome_path):
+def exit_with_parent(parent_pid):
+    """Ends this process as soon as its parent `parent_pid` dies (killed, say).
+
+    A trial process outliving its search would go on writing into the trial directory that
+    the resumed search hands to a new trial process, and the two would clash there. Linux
+    delivers SIGKILL on the parent's death (`PR_SET_PDEATHSIG`); elsewhere a daemon thread
+    watches the parent id."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        def watch():
+            while os.getppid() == parent_pid:
+                time.sleep(0.2)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # it died before the lines above
+        os._exit(1)
+
+
+def _child_main(target, resolved, model_dir, arguments, outcome_path, parent_pid):
+    exit_with_parent(parent_pid)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
         outcome = {"status": "ok", "metrics": run_executor(target, resolved, model_dir,

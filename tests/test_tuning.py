@@ -457,6 +457,65 @@ def test_interrupted_search_resumes_without_redoing_trials(tmp_path, corpus):
         assert len(json.load(f)["trials"]) == 3
 
 
+CHILD_OF_A_SEARCH = """
+import multiprocessing, os, sys, time
+from keras_llm.tuning import exit_with_parent
+
+def trial(parent_pid, pid_file):
+    exit_with_parent(parent_pid)
+    with open(pid_file + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(pid_file + ".tmp", pid_file)
+    time.sleep(300)
+
+if __name__ == "__main__":
+    process = multiprocessing.get_context("spawn").Process(
+        target=trial, args=(os.getpid(), sys.argv[1]))
+    process.start()
+    process.join()
+"""
+
+
+def running(pid):
+    """Whether `pid` runs (a dead, unreaped process is a zombie: state Z)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_trial_process_dies_with_its_search(tmp_path):
+    """A killed search leaves no trial process behind: it would go on writing into the trial
+    directory that the resumed search hands to a new trial process."""
+    script, pid_file = tmp_path / "search.py", str(tmp_path / "trial.pid")
+    script.write_text(CHILD_OF_A_SEARCH)
+    search = subprocess.Popen([sys.executable, str(script), pid_file])
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(pid_file):
+            assert search.poll() is None and time.time() < deadline, "the trial never started"
+            time.sleep(0.1)
+        with open(pid_file) as f:
+            trial_pid = int(f.read())
+        assert running(trial_pid)
+        search.send_signal(signal.SIGKILL)
+        search.wait()
+        deadline = time.time() + 10
+        while running(trial_pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not running(trial_pid), "the trial process outlived its search"
+    finally:
+        search.kill()
+        search.wait()
+        if os.path.exists(pid_file):
+            with open(pid_file) as f:
+                pid = int(f.read())
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_memory_stays_flat_across_trials(tmp_path, corpus):
     path = write_space(tmp_path, corpus, {"train.learning_rate": LEARNING_RATE})
