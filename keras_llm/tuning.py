@@ -64,9 +64,7 @@ import math
 import os
 import resource
 import shutil
-import signal
 import sys
-import threading
 import time
 import traceback
 import typing
@@ -80,6 +78,7 @@ from keras_tuner.src.distribute import utils as distribute_utils
 from keras_llm import artifacts
 from keras_llm.config import Config, _coerce, load_config, read_config_file
 from keras_llm.errors import ArtifactError, ConfigError, KerasLLMError
+from keras_llm.processes import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -677,29 +676,6 @@ def run_in_child(target, resolved, model_dir, arguments):
         logger.warning("trial process failed:\n%s", outcome["traceback"])
         raise RuntimeError(outcome["message"])
     return outcome["metrics"], outcome["memory"]
-
-
-def exit_with_parent(parent_pid):
-    """Ends this process as soon as its parent `parent_pid` dies (killed, say).
-
-    A trial process outliving its search would go on writing into the trial directory that
-    the resumed search hands to a new trial process, and the two would clash there. Linux
-    delivers SIGKILL on the parent's death (`PR_SET_PDEATHSIG`); elsewhere a daemon thread
-    watches the parent id."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    else:
-        def watch():
-            while os.getppid() == parent_pid:
-                time.sleep(0.2)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent_pid:  # it died before the lines above
-        os._exit(1)
 
 
 def _child_main(target, resolved, model_dir, arguments, outcome_path, parent_pid):

@@ -459,7 +459,7 @@ def test_interrupted_search_resumes_without_redoing_trials(tmp_path, corpus):
 
 CHILD_OF_A_SEARCH = """
 import multiprocessing, os, sys, time
-from keras_llm.tuning import exit_with_parent
+from keras_llm.processes import exit_with_parent
 
 def trial(parent_pid, pid_file):
     exit_with_parent(parent_pid)
