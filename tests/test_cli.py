@@ -5,23 +5,14 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
+from small_corpus import write_corpus
 
 from keras_llm.cli import main
-
-DOCUMENTS = [
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "A tokenizer turns text into integer ids that a model can embed.",
-    "Attention lets every position look at every earlier position.",
-    "Packing joins documents with an end-of-document token between them.",
-] * 30
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": f"{i}: {d}"}) + "\n"
-                            for i, d in enumerate(DOCUMENTS)))
-    return str(path)
+    return write_corpus(tmp_path)
 
 
 def run(*args):

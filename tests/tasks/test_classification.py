@@ -53,6 +53,24 @@ def test_last_pooling_is_the_full_backbones_state_at_the_last_real_token():
     np.testing.assert_allclose(model.pooled(x), np.asarray(hidden)[[0, 1], [2, 5]], atol=1e-5)
 
 
+@pytest.mark.parametrize("backbone_class", [BertBackbone, GPTBackbone])
+def test_one_position_pooling_traces_with_unknown_batch_and_length(backbone_class):
+    """As an exported signature traces it: the last block's positions come from the
+    padding mask at run time."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = TextClassifier(backbone_class(**dict(SIZES, num_layers=2)), 3)
+    x = inputs()
+    expected = model(x)
+    specs = {key: tf.TensorSpec((None, None), tf.as_dtype(value.dtype))
+             for key, value in x.items()}
+    traced = tf.function(lambda features: model(features), input_signature=[specs])
+    np.testing.assert_allclose(traced(x), expected, atol=1e-5)
+    shorter = {key: value[:1, :4] for key, value in x.items()}
+    np.testing.assert_allclose(traced(shorter), model(shorter), atol=1e-5)
+
+
 def test_gpt_last_token_reads_only_real_tokens():
     keras.utils.set_random_seed(0)
     model = TextClassifier(GPTBackbone(**SIZES), 3, dropout=0.0)
