@@ -266,7 +266,7 @@ def count_parameters(model):
 
 def run_shape(shape_name, jit_compile, args):
     from keras_llm.config import TrainConfig
-    from keras_llm.training.optim import make_optimizer
+    from keras_llm.training.optim import AdamW, make_optimizer
 
     shape = SHAPES[shape_name]
     rng = np.random.default_rng(args.seed)
@@ -280,9 +280,10 @@ def run_shape(shape_name, jit_compile, args):
         model, make_step, model_flops = builder(shape)
         loss, optimizer_class = RECIPES[recipe]()
         total_steps = args.warmup_steps + args.windows * args.window_steps
-        model.compile(
-            optimizer=make_optimizer(TrainConfig(warmup_steps=0), total_steps, optimizer_class),
-            loss=loss, weighted_metrics=[], jit_compile=jit)
+        optimizer = make_optimizer(TrainConfig(warmup_steps=0), total_steps, optimizer_class)
+        if isinstance(optimizer, AdamW):  # the steps of a long run: always the fused update
+            optimizer.total_steps = None
+        model.compile(optimizer=optimizer, loss=loss, weighted_metrics=[], jit_compile=jit)
         steps = [make_step(b) for b in batches]
         with benchlib.Stopwatch() as warmup:
             for i in range(args.warmup_steps):

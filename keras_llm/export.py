@@ -121,7 +121,8 @@ def tokenize_in_graph(tokenizer, layer, texts):
 
     if tokenizer.lowercase and tokenizer.kind != "wordpiece":
         texts = tf.strings.lower(texts, encoding="utf-8")
-    ids = layer.tokenize(texts)
+    # Unconverted, as in `Tokenizer.tokenize`: keras-hub's code needs no AutoGraph.
+    ids = tf.autograph.experimental.do_not_convert(layer.tokenize)(texts)
     if not isinstance(ids, tf.RaggedTensor):
         ids = tf.RaggedTensor.from_tensor(ids)
     return tf.cast(ids, tf.int32)
@@ -203,7 +204,8 @@ def continuation_text(layer, tokenizer, token_ids, starts, max_new_tokens):
     ended = tf.math.cumsum(tf.cast(window & (token_ids == specials["eos"]), tf.int32),
                            axis=1) > 0
     special = tf.reduce_any(token_ids[..., None] == special_ids, axis=-1)
-    text = layer.detokenize(tf.ragged.boolean_mask(token_ids, window & ~ended & ~special))
+    text = tf.autograph.experimental.do_not_convert(layer.detokenize)(
+        tf.ragged.boolean_mask(token_ids, window & ~ended & ~special))
     return tf.reshape(tf.cast(text, tf.string), [-1])
 
 

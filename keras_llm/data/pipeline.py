@@ -58,6 +58,17 @@ def tokenized_documents(documents, tokenizer, eos_id):
             .unbatch())
 
 
+def document_lengths(documents, tokenizer):
+    """Tokens in each document (no EOS), as an int64 array: one tokenization pass, no more."""
+
+    def lengths(texts):
+        return tf.cast(tokenizer.tokenize(texts).row_lengths(), tf.int64)
+
+    batches = (as_dataset(documents).batch(TOKENIZE_BATCH)
+               .map(lengths, num_parallel_calls=AUTOTUNE, deterministic=True))
+    return np.concatenate([np.zeros([0], np.int64), *batches.as_numpy_iterator()])
+
+
 def token_chunks(documents, tokenizer, eos_id):
     """1-D int32 token streams, one per batch of documents, each document followed by EOS."""
     return to_chunks(tokenized_documents(documents, tokenizer, eos_id))

@@ -91,8 +91,11 @@ class Tokenizer:
 
             layer = keras_hub.tokenizers.SentencePieceTokenizer(proto=self.files["spm.model"])
         # Pipelines take the byte-level BPE's tf.data path; SavedModels call the layer's
-        # `tokenize` (`keras_llm.export`), all in the graph, for the same ids.
-        return getattr(layer, "tokenize_for_tf_data", layer.tokenize)(texts)
+        # `tokenize` (`keras_llm.export`), all in the graph, for the same ids. keras-hub's and
+        # tensorflow-text's code branches on Python values only, so it runs unconverted:
+        # AutoGraph took 2-3 s to convert it on the first trace of every process.
+        tokenize = getattr(layer, "tokenize_for_tf_data", layer.tokenize)
+        return tf.autograph.experimental.do_not_convert(tokenize)(texts)
 
     def encode(self, texts):
         """Python lists of ids for a list of strings."""

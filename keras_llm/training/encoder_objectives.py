@@ -15,10 +15,11 @@ import keras
 import keras_hub
 import tensorflow as tf
 
-from keras_llm.data.pipeline import pack_tokens, to_chunks, tokenized_documents
+from keras_llm.data.pipeline import (document_lengths, pack_tokens, to_chunks,
+                                     tokenized_documents)
 from keras_llm.data.denoising import denoising_dataset
 from keras_llm.data.masking import continuation_id_table, masked_lm_dataset, wrap_blocks
-from keras_llm.data.nsp import next_sentence_dataset
+from keras_llm.data.nsp import next_sentence_dataset, pair_count
 from keras_llm.errors import ConfigError
 from keras_llm.training.losses import TokenCrossEntropy
 from keras_llm.training.objectives import Objective
@@ -70,6 +71,15 @@ class _EncoderObjective(Objective):
                               reshuffle_each_iteration=True).repeat()
         return ids
 
+    def steps_per_pass(self, documents, tokenizer):
+        """From the documents' token counts alone: one tokenization pass, no masking."""
+        lengths = document_lengths(documents, tokenizer)
+        return self.examples_per_pass(lengths) // self.config.train.batch_size
+
+    def examples_per_pass(self, lengths):
+        """Examples in one pass over documents of `lengths` tokens."""
+        raise NotImplementedError
+
     def finish(self, examples, training, repeat=False):
         if training:
             if repeat:
@@ -107,6 +117,10 @@ class MaskedLMObjective(_EncoderObjective):
                                                shuffle=not self.static)
         blocks = pack_tokens(to_chunks(token_documents), self.config.data.seq_len - 2)
         return wrap_blocks(blocks, specials, self.config.data.seq_len)
+
+    def examples_per_pass(self, lengths):
+        # Documents and their [sep]s packed into blocks of seq_len - 2 ([cls], [sep] added).
+        return int((lengths + 1).sum()) // (self.config.data.seq_len - 2)
 
     def mask(self, sequences, tokenizer, training):
         data = self.config.data
@@ -162,6 +176,9 @@ class MaskedLMNextSentenceObjective(MaskedLMObjective):
                                      self.config.data.seq_len, seed=self.config.train.seed,
                                      shuffle_buffer=self.config.data.shuffle_buffer,
                                      redraw_each_pass=training)
+
+    def examples_per_pass(self, lengths):
+        return pair_count(lengths, self.config.data.seq_len)
 
     def mask(self, sequences, tokenizer, training):
         def split_targets(features, mask_ids, mask_weights):
@@ -246,6 +263,10 @@ class DenoisingObjective(_EncoderObjective):
                                      data.mean_noise_span_length,
                                      seed=self.config.train.seed + (0 if training else 1))
         return self.finish(examples, training)
+
+    def examples_per_pass(self, lengths):
+        # Documents and their [eos]s packed into blocks of seq_len - 1 (one example each).
+        return int((lengths + 1).sum()) // (self.config.data.seq_len - 1)
 
     def build_model(self, tokenizer):
         from keras_llm.models import Seq2SeqBackbone, Seq2SeqLM

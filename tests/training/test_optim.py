@@ -142,6 +142,32 @@ def test_fused_update_runs_on_tensorflow_and_keras_update_where_it_cannot(monkey
         np.testing.assert_allclose(value, expected, rtol=1e-3, atol=2e-5)
 
 
+def test_make_optimizer_fuses_only_runs_long_enough_to_repay_the_compile(monkeypatch):
+    import keras
+
+    from keras_llm.training import optim
+
+    variables = [keras.Variable(np.zeros((100, 10), "float32")) for _ in range(4)]
+    # 4 variables of 1,000 parameters: 3e7 x 4 / 4,000 = 30,000 steps repay the compile.
+    assert not make_optimizer(TrainConfig(), total_steps=29_999).fuses_update(variables)
+    optimizer = make_optimizer(TrainConfig(), total_steps=30_000)
+    assert optimizer.fuses_update(variables)
+    restored = type(optimizer).from_config(optimizer.get_config())
+    assert restored.total_steps == 30_000 and restored.fuses_update(variables)
+    assert optim.AdamW(learning_rate=0.1).fuses_update(variables)  # no total: always
+    assert not make_optimizer(TrainConfig(), 10**9, keras.optimizers.AdamW).get_config().get(
+        "total_steps")
+    # A short run traces Keras' update, and still trains.
+    calls = []
+    monkeypatch.setattr(optim, "_fused_adamw_update", lambda *args: calls.append(1))
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(1)])
+    model.compile(optimizer=make_optimizer(TrainConfig(warmup_steps=0), total_steps=3),
+                  loss="mse")
+    before = np.asarray(model.weights[0]).copy()
+    model.fit(np.ones((8, 10), "float32"), np.ones((8, 1), "float32"), epochs=1, verbose=0)
+    assert not calls and not np.allclose(np.asarray(model.weights[0]), before)
+
+
 def test_fused_update_clips_like_keras_and_propagates_a_non_finite_norm():
     import keras
 
