@@ -76,9 +76,17 @@ class _EncoderObjective(Objective):
         lengths = document_lengths(documents, tokenizer)
         return self.examples_per_pass(lengths) // self.config.train.batch_size
 
-    def examples_per_pass(self, lengths):
-        """Examples in one pass over documents of `lengths` tokens."""
+    @property
+    def block_length(self):
+        """Tokens of packed documents per example, before the objective's special tokens."""
         raise NotImplementedError
+
+    def examples_per_pass(self, lengths):
+        """Examples in one pass over documents of `lengths` tokens.
+
+        Each document and its separator are packed into blocks of `block_length` tokens.
+        """
+        return int((lengths + 1).sum()) // self.block_length
 
     def finish(self, examples, training, repeat=False):
         if training:
@@ -111,16 +119,16 @@ class MaskedLMObjective(_EncoderObjective):
     def static(self):
         return self.config.data.masking == "static"
 
+    @property
+    def block_length(self):
+        return self.config.data.seq_len - 2  # [cls] and the last [sep] are added around it
+
     def sequences(self, documents, tokenizer, training):
         specials = tokenizer.special_token_ids()
         token_documents = self.token_documents(documents, tokenizer, training, specials["sep"],
                                                shuffle=not self.static)
-        blocks = pack_tokens(to_chunks(token_documents), self.config.data.seq_len - 2)
+        blocks = pack_tokens(to_chunks(token_documents), self.block_length)
         return wrap_blocks(blocks, specials, self.config.data.seq_len)
-
-    def examples_per_pass(self, lengths):
-        # Documents and their [sep]s packed into blocks of seq_len - 2 ([cls], [sep] added).
-        return int((lengths + 1).sum()) // (self.config.data.seq_len - 2)
 
     def mask(self, sequences, tokenizer, training):
         data = self.config.data
@@ -149,10 +157,10 @@ class MaskedLMObjective(_EncoderObjective):
 
     def _spec_dataset(self, tokenizer):
         """A dataset with this objective's element spec (for building, never iterated)."""
-        seq_len = self.config.data.seq_len
         specials = tokenizer.special_token_ids()
-        blocks = tf.data.Dataset.from_tensors(tf.zeros([seq_len - 2], tf.int32) + 6)
-        examples = self.mask(wrap_blocks(blocks, specials, seq_len), tokenizer, False)
+        blocks = tf.data.Dataset.from_tensors(tf.zeros([self.block_length], tf.int32) + 6)
+        examples = self.mask(wrap_blocks(blocks, specials, self.config.data.seq_len),
+                             tokenizer, False)
         return examples.batch(1)
 
     def compile(self, model, optimizer):
@@ -253,10 +261,14 @@ class DenoisingObjective(_EncoderObjective):
 
     name = "seq2seq_denoising"
 
+    @property
+    def block_length(self):
+        return self.config.data.seq_len - 1  # [eos] (encoder, targets) or [cls] (decoder) added
+
     def dataset(self, documents, tokenizer, training):
         specials = tokenizer.special_token_ids()
         token_documents = self.token_documents(documents, tokenizer, training, specials["eos"])
-        blocks = pack_tokens(to_chunks(token_documents), self.config.data.seq_len - 1)
+        blocks = pack_tokens(to_chunks(token_documents), self.block_length)
         data = self.config.data
         # Validation noise is seeded per pass too, but the pass is cached by the trainer.
         examples = denoising_dataset(blocks, specials, data.seq_len, data.noise_density,
@@ -264,17 +276,12 @@ class DenoisingObjective(_EncoderObjective):
                                      seed=self.config.train.seed + (0 if training else 1))
         return self.finish(examples, training)
 
-    def examples_per_pass(self, lengths):
-        # Documents and their [eos]s packed into blocks of seq_len - 1 (one example each).
-        return int((lengths + 1).sum()) // (self.config.data.seq_len - 1)
-
     def build_model(self, tokenizer):
         from keras_llm.models import Seq2SeqBackbone, Seq2SeqLM
 
         model = Seq2SeqLM(Seq2SeqBackbone.from_model_config(
             self.config.model, tokenizer.vocabulary_size(), tokenizer.special_token_ids()))
-        blocks = tf.data.Dataset.from_tensors(tf.zeros([self.config.data.seq_len - 1],
-                                                       tf.int32) + 6)
+        blocks = tf.data.Dataset.from_tensors(tf.zeros([self.block_length], tf.int32) + 6)
         spec = denoising_dataset(blocks, tokenizer.special_token_ids(),
                                  self.config.data.seq_len).batch(1)
         return self.build_on(model, spec)
