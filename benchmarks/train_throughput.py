@@ -34,6 +34,7 @@ FLOP/s / peak, with the peak measured in the same run (a square `--peak-size` ma
 compute dtype) or given by `--peak-tflops` (e.g. 989 for an H100 SXM's bf16 dense peak).
 
     python benchmarks/train_throughput.py                       # CPU, fp32, tiny + small
+    python benchmarks/train_throughput.py --shapes long --models gpt,keras_hub_gpt2  # 1,024
     python benchmarks/train_throughput.py --jit-compile false,true
     KERAS_BACKEND=jax python benchmarks/train_throughput.py --precision mixed_bfloat16 \\
         --shapes gpu --peak-tflops 989                          # GPU
@@ -51,6 +52,8 @@ import benchlib
 SHAPES = {
     "tiny": dict(vocab=8192, layers=4, width=256, heads=4, seq=128, batch=16),
     "small": dict(vocab=8192, layers=6, width=512, heads=8, seq=256, batch=8),
+    # small's model over 1,024 positions (gpt-small's context): attention's share grows
+    "long": dict(vocab=8192, layers=6, width=512, heads=8, seq=1024, batch=2),
     "gpu": dict(vocab=50304, layers=12, width=768, heads=12, seq=1024, batch=16),
     "quick": dict(vocab=512, layers=2, width=64, heads=2, seq=32, batch=4),
 }

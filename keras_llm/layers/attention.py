@@ -133,6 +133,38 @@ def _softmax_scores(q, k, mask):
     return ops.softmax(scores, axis=-1)
 
 
+# Causal self-attention over at least this many positions runs in query blocks (see
+# `block_causal_core`); below it the blocks' extra ops cost what the skipped scores save.
+BLOCK_CAUSAL_MIN_LENGTH = 256
+BLOCK_CAUSAL_BLOCKS = 4
+
+
+def _core_forward(scaled, k, v, mask):
+    """Float32 probabilities, the same in the values' dtype, and the output `probs v`."""
+    probs = _softmax_scores(scaled, k, mask)
+    compute_probs = ops.cast(probs, v.dtype)
+    return probs, compute_probs, ops.matmul(compute_probs, v)
+
+
+def _core_gradient(d_output, output, scaled, k, v, probs, compute_probs, scale, live=None):
+    """`(d_q, d_k, d_v)` of `_core_forward` (the queries' gradient is for the unscaled q).
+
+    The softmax gradient `p (dp - sum_j p_j dp_j)` takes its row sum as `do . o`, a sum over
+    the head dimension (FlashAttention's identity), and needs no mask: a masked
+    probability is exactly 0, so its gradient already is. Queries where `live` is False (no
+    visible key) get no gradient through their scores.
+    """
+    d_scores_output = d_output if live is None else ops.where(live, d_output,
+                                                              ops.zeros_like(d_output))
+    d_probs = ops.cast(ops.matmul(d_scores_output, ops.transpose(v, (0, 1, 3, 2))), "float32")
+    row_sum = ops.sum(ops.cast(d_scores_output, "float32") * ops.cast(output, "float32"),
+                      axis=-1, keepdims=True)
+    d_scores = ops.cast(probs * (d_probs - row_sum), scaled.dtype)
+    return (ops.matmul(d_scores, k) * scale,
+            ops.matmul(ops.transpose(d_scores, (0, 1, 3, 2)), scaled),
+            ops.matmul(ops.transpose(compute_probs, (0, 1, 3, 2)), d_output))
+
+
 def attention_core(q, k, v, mask=None, scale=1.0, causal_only=False):
     """`softmax(where(mask, scale q k^T, -1e9)) v` for `(batch, heads, length, head_dim)`
     tensors, with a hand-written gradient; the softmax runs in float32.
@@ -140,14 +172,14 @@ def attention_core(q, k, v, mask=None, scale=1.0, causal_only=False):
     Differentiated op by op, the softmax and the mask cost five passes over the
     `(batch, heads, queries, keys)` scores in the backward pass (the mask's select, then
     the softmax gradient's product, row sum, difference and product). Written out it costs
-    two: the row sum `sum_j p_ij dp_ij` is taken as `do_i . o_i`, as FlashAttention does (a
-    sum over the head dimension of the outputs, not over the keys), and there is no select
-    (a masked probability is exactly 0, so its gradient already is). A gpt-small layer's
-    attention core, forward and backward on 2 CPU cores: 42.4 -> 37.0 ms.
+    two (see `_core_gradient`). A gpt-small layer's attention core, forward and backward on
+    2 CPU cores: 42.4 -> 37.0 ms.
 
     A query whose keys are all masked attends uniformly (every score is -1e9) and must get
     no gradient through its scores; unless `causal_only` says the mask is the causal one
-    (every query sees itself), such rows are found and their score gradient zeroed.
+    (every query sees itself), such rows are found and their score gradient zeroed. Causal
+    self-attention of a static length of at least `BLOCK_CAUSAL_MIN_LENGTH` runs as
+    `block_causal_core`.
 
     Example:
 
@@ -155,28 +187,74 @@ def attention_core(q, k, v, mask=None, scale=1.0, causal_only=False):
     >>> keras.ops.shape(attention_core(q, k, v, causal_mask(2, 2)[None, None], 0.5))
     (1, 1, 2, 4)
     """
+    length = q.shape[2]
+    if (causal_only and length is not None and length == k.shape[2]
+            and length >= BLOCK_CAUSAL_MIN_LENGTH and length % BLOCK_CAUSAL_BLOCKS == 0):
+        return block_causal_core(q, k, v, scale, BLOCK_CAUSAL_BLOCKS)
 
     @ops.custom_gradient
     def core(q, k, v):
         scaled = q * scale
-        probs = _softmax_scores(scaled, k, mask)
-        compute_probs = ops.cast(probs, v.dtype)
-        output = ops.matmul(compute_probs, v)
+        probs, compute_probs, output = _core_forward(scaled, k, v, mask)
 
         def gradient(*args, upstream=None):
-            d_output = upstream_gradient(args, upstream)
-            d_scores_output = d_output
+            live = None
             if mask is not None and not causal_only:
                 live = ops.any(mask, axis=-1, keepdims=True)  # a query with a visible key
-                d_scores_output = ops.where(live, d_output, ops.zeros_like(d_output))
-            d_probs = ops.cast(ops.matmul(d_scores_output, ops.transpose(v, (0, 1, 3, 2))),
-                               "float32")
-            row_sum = ops.sum(ops.cast(d_scores_output, "float32") * ops.cast(output, "float32"),
-                              axis=-1, keepdims=True)
-            d_scores = ops.cast(probs * (d_probs - row_sum), q.dtype)
-            return (ops.matmul(d_scores, k) * scale,
-                    ops.matmul(ops.transpose(d_scores, (0, 1, 3, 2)), scaled),
-                    ops.matmul(ops.transpose(compute_probs, (0, 1, 3, 2)), d_output))
+            return _core_gradient(upstream_gradient(args, upstream), output, scaled, k, v,
+                                  probs, compute_probs, scale, live)
+
+        return output, gradient
+
+    return core(q, k, v)
+
+
+def block_causal_core(q, k, v, scale=1.0, blocks=BLOCK_CAUSAL_BLOCKS):
+    """Causal self-attention (`attention_core` with the causal mask) in `blocks` query blocks.
+
+    Query block `i` attends to the keys up to its own end only, so the scores above the
+    diagonal blocks, every one of them masked, are never computed, forward or backward
+    (with 4 blocks, 10 of the 16 score blocks). The length must be static and divisible by
+    `blocks`. Same values and gradients as the full causal core up to float rounding. One
+    layer's core, forward and backward, on 2 CPU cores: 12.8-13.7 -> 11.2-11.9 ms at length
+    256, 47.5 -> 30.5 ms at 1,024.
+
+    Example:
+
+    >>> q = k = v = keras.ops.ones((1, 1, 8, 4))
+    >>> keras.ops.shape(block_causal_core(q, k, v, 0.5, blocks=4))
+    (1, 1, 8, 4)
+    """
+    length = q.shape[2]
+    if length is None or length % blocks:
+        raise ValueError(f"block_causal_core needs a static length divisible by blocks={blocks}; "
+                         f"got {length}")
+    size = length // blocks
+    ends = [(i + 1) * size for i in range(blocks)]
+    masks = [causal_mask(size, end, start_index=end - size)[None, None] for end in ends]
+
+    @ops.custom_gradient
+    def core(q, k, v):
+        scaled = ops.split(q * scale, blocks, axis=2)
+        forwards = [_core_forward(scaled[i], k[:, :, :end], v[:, :, :end], masks[i])
+                    for i, end in enumerate(ends)]
+        output = ops.concatenate([forward[2] for forward in forwards], axis=2)
+
+        def gradient(*args, upstream=None):
+            d_outputs = ops.split(upstream_gradient(args, upstream), blocks, axis=2)
+            d_q, d_k, d_v = [], None, None
+            for i, end in enumerate(ends):
+                probs, compute_probs, block_output = forwards[i]
+                block_d_q, block_d_k, block_d_v = _core_gradient(
+                    d_outputs[i], block_output, scaled[i], k[:, :, :end], v[:, :, :end],
+                    probs, compute_probs, scale)
+                d_q.append(block_d_q)
+                if end < length:  # keys past the block's end get nothing from it
+                    padding = [(0, 0), (0, 0), (0, length - end), (0, 0)]
+                    block_d_k, block_d_v = ops.pad(block_d_k, padding), ops.pad(block_d_v, padding)
+                d_k = block_d_k if d_k is None else d_k + block_d_k
+                d_v = block_d_v if d_v is None else d_v + block_d_v
+            return ops.concatenate(d_q, axis=2), d_k, d_v
 
         return output, gradient
 

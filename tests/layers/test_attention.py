@@ -248,6 +248,64 @@ def test_training_gradient_equals_the_traced_one(case):
             assert_close(actual, expected)
 
 
+def causal_core_results(function, q, k, v, upstream):
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        tape.watch([q, k, v])
+        y = function(q, k, v)
+    return [y] + tape.gradient(y, [q, k, v], output_gradients=upstream)
+
+
+@pytest.mark.parametrize("blocks", [2, 4, 8])
+def test_block_causal_core_equals_the_full_causal_core(blocks):
+    # Query blocks that skip the keys past their end: the same values and gradients as the
+    # full causal core (whose gradient is checked against the traced one above).
+    import tensorflow as tf
+
+    rng = np.random.default_rng(blocks)
+    q, k, v, upstream = (tf.constant(rng.normal(size=(2, 3, 16, 4)), tf.float32)
+                         for _ in range(4))
+    mask = causal_mask(16, 16)[None, None]
+    full = causal_core_results(
+        lambda q, k, v: attention_module.attention_core(q, k, v, mask, 0.5), q, k, v, upstream)
+    blocked = causal_core_results(
+        lambda q, k, v: attention_module.block_causal_core(q, k, v, 0.5, blocks), q, k, v,
+        upstream)
+    for expected, actual in zip(full, blocked):
+        assert_close(actual, expected)
+    with pytest.raises(ValueError, match="static length divisible by blocks=3"):
+        attention_module.block_causal_core(q, k, v, 0.5, blocks=3)
+
+
+def test_long_causal_self_attention_trains_in_query_blocks(monkeypatch):
+    # From BLOCK_CAUSAL_MIN_LENGTH positions on, causal self-attention in training runs in
+    # query blocks: the layer's output and every gradient equal its inference (traced) pass.
+    import tensorflow as tf
+
+    calls = []
+    block_causal_core = attention_module.block_causal_core
+    monkeypatch.setattr(attention_module, "BLOCK_CAUSAL_MIN_LENGTH", 8)
+    monkeypatch.setattr(attention_module, "block_causal_core",
+                        lambda *args: calls.append(args) or block_causal_core(*args))
+    layer = MultiHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM)
+    x = tf.constant(random_normal((BATCH, 8, HIDDEN), seed=1))
+    upstream = tf.constant(random_normal((BATCH, 8, HIDDEN), seed=4))
+    results = []
+    for training in (False, True):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, use_causal_mask=True, training=training)
+        results.append([y] + tape.gradient(y, [x] + layer.trainable_variables,
+                                           output_gradients=upstream))
+    assert len(calls) == 1  # the training pass only
+    for expected, actual in zip(*results):
+        assert_close(actual, expected)
+    # A shorter sequence keeps the full core.
+    layer(x[:, :4], use_causal_mask=True, training=True)
+    assert len(calls) == 1
+
+
 def test_training_core_in_bfloat16_follows_the_traced_one():
     # Mixed precision: bfloat16 products, float32 softmax. The written-out row sum uses the
     # bfloat16 output (as FlashAttention does), so the two agree to bfloat16 rounding.
