@@ -29,11 +29,19 @@ AUTOTUNE = tf.data.AUTOTUNE
 IS_NEXT, NOT_NEXT = 0, 1
 
 
+def segment_length_for(seq_len):
+    """Longest segment of a `[cls] first [sep] second [sep]` pair of `seq_len` tokens."""
+    segment_length = (seq_len - 3) // 2
+    if segment_length < 1:
+        raise ValueError(f"seq_len must be at least 5 for sentence pairs; got {seq_len}")
+    return segment_length
+
+
 def pair_count(document_lengths, seq_len):
     """Segment pairs in documents of these token counts: `next_sentence_dataset`'s examples
     in one pass before it drops the not-next draws that hit their own document (a few in a
     thousand with a 1024-segment shuffle buffer; the number differs from pass to pass)."""
-    segment_length = (seq_len - 3) // 2
+    segment_length = segment_length_for(seq_len)
     lengths = np.asarray(document_lengths, np.int64)
     per_segment = np.clip((lengths + 1) // 2, 1, segment_length)  # halves when short
     segments = -(-lengths // per_segment)
@@ -83,9 +91,7 @@ def next_sentence_dataset(documents, special_token_ids, seq_len, seed=0, shuffle
         redraw_each_pass: new pairs every pass over the data (training) or the same pairs
             every pass (evaluation).
     """
-    segment_length = (seq_len - 3) // 2
-    if segment_length < 1:
-        raise ValueError(f"seq_len must be at least 5 for sentence pairs; got {seq_len}")
+    segment_length = segment_length_for(seq_len)
 
     def segment(index, ids):
         # Halves for a document shorter than two segments; -1-padded to one width.

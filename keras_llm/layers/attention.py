@@ -236,8 +236,9 @@ def block_causal_core(q, k, v, scale=1.0, blocks=BLOCK_CAUSAL_BLOCKS):
     @ops.custom_gradient
     def core(q, k, v):
         scaled = ops.split(q * scale, blocks, axis=2)
-        forwards = [_core_forward(scaled[i], k[:, :, :end], v[:, :, :end], masks[i])
-                    for i, end in enumerate(ends)]
+        keys, values = [k[:, :, :end] for end in ends], [v[:, :, :end] for end in ends]
+        forwards = [_core_forward(scaled[i], keys[i], values[i], masks[i])
+                    for i in range(blocks)]
         output = ops.concatenate([forward[2] for forward in forwards], axis=2)
 
         def gradient(*args, upstream=None):
@@ -246,8 +247,8 @@ def block_causal_core(q, k, v, scale=1.0, blocks=BLOCK_CAUSAL_BLOCKS):
             for i, end in enumerate(ends):
                 probs, compute_probs, block_output = forwards[i]
                 block_d_q, block_d_k, block_d_v = _core_gradient(
-                    d_outputs[i], block_output, scaled[i], k[:, :, :end], v[:, :, :end],
-                    probs, compute_probs, scale)
+                    d_outputs[i], block_output, scaled[i], keys[i], values[i], probs,
+                    compute_probs, scale)
                 d_q.append(block_d_q)
                 if end < length:  # keys past the block's end get nothing from it
                     padding = [(0, 0), (0, 0), (0, length - end), (0, 0)]
