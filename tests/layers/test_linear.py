@@ -109,6 +109,46 @@ def test_hand_gradient_reads_keras_variables_eagerly():
     np.testing.assert_allclose(d_bias.numpy(), (2 * expected).sum(0), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="TensorFlow gradients")
+def test_input_gradient_multiplies_by_the_given_kernel_transpose():
+    import tensorflow as tf
+
+    x, kernel = tf.constant(values((6, 4), 0)), tf.constant(values((4, 3), 1))
+    upstream = values((6, 3), 2)
+    # A stand-in that is not kernel^T shows which matrix the input gradient multiplies by.
+    stand_in = values((3, 4), 3)
+    for kernel_transpose, expected in ((None, upstream @ kernel.numpy().T),
+                                       (stand_in, upstream @ stand_in)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = linear_module.kernel_gradient_product(x, kernel, kernel_transpose)
+        np.testing.assert_allclose(tape.gradient(y, x, output_gradients=upstream).numpy(),
+                                   expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="TensorFlow gradients")
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_logits_hand_gradient_equals_the_traced_one(tied):
+    import tensorflow as tf
+    from keras_hub.layers import ReversibleEmbedding
+
+    table = ReversibleEmbedding(11, 8, tie_weights=tied)
+    table.build((None,))
+    hidden = tf.constant(values((2, linear_module.HAND_GRADIENT_MIN_ROWS // 2, 8), 0))
+    upstream = values((2, linear_module.HAND_GRADIENT_MIN_ROWS // 2, 11), 1)
+    results = []
+    for hand_gradient in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch(hidden)
+            logits = linear_module.embedding_logits(table, hidden, hand_gradient)
+        results.append([logits.numpy()] + [g.numpy() for g in tape.gradient(
+            logits, [hidden, *(v.value for v in table.trainable_variables)],
+            output_gradients=upstream,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO)])
+    for ours, traced in zip(*results):
+        np.testing.assert_allclose(ours, traced, rtol=1e-4, atol=1e-4)
+
+
 def test_docstring_examples_run():
     results = doctest.testmod(linear_module)
     assert results.attempted > 0 and results.failed == 0
