@@ -126,6 +126,32 @@ def test_input_gradient_multiplies_by_the_given_kernel_transpose():
                                    expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="TensorFlow graphs")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_input_gradient_writes_the_kernel_transpose_out(dtype):
+    # TensorFlow's optimizer folds a 2-D transpose into the matmul (oneDNN's slower
+    # transposed operand in float32); the written-out one goes through a 3-D view.
+    import tensorflow as tf
+
+    x = tf.constant(values((8, 4), 0), dtype)
+    kernel = tf.constant(values((4, 6), 1), dtype)
+
+    @tf.function
+    def input_gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = linear_module.kernel_gradient_product(x, kernel)
+        return tape.gradient(y, x)
+
+    graph = input_gradient.get_concrete_function(x).graph
+    written_out = [op for op in graph.get_operations()
+                   if op.type == "Transpose" and op.outputs[0].shape.rank == 3]
+    assert bool(written_out) == (dtype == "float32")
+    expected = np.ones((8, 6), "float32") @ values((4, 6), 1).T
+    np.testing.assert_allclose(input_gradient(x).numpy().astype("float32"), expected,
+                               rtol=0.05, atol=0.05)
+
+
 @pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="TensorFlow gradients")
 @pytest.mark.parametrize("tied", [True, False])
 def test_embedding_logits_hand_gradient_equals_the_traced_one(tied):
